@@ -1,0 +1,171 @@
+"Behaviour of sae_nb.course: the checkers accept correct solutions and reject known mistakes with a hint naming them."
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae_nb.course import (ExerciseError, check_auxk, check_fvu, check_jumprelu_ste, check_l1, check_mse,
+                           check_topk)
+from sae_nb.losses import auxk_loss, fvu, l1, mse
+from sae_nb.sae import JumpReLUFn, jumprelu, rectangle, topk_activation
+
+NBS = Path(__file__).resolve().parents[1] / "nbs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "The shapes here are tiny: one thread is fastest, and kind to a shared CPU."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hidden_solutions() -> dict:
+    "The reference solutions hidden in the chapters' exercise cells, executed into one namespace."
+    ns = {"torch": torch, "F": F}
+    for name in ("00_losses.ipynb", "01_sae.ipynb"):
+        for cell in json.loads((NBS / name).read_text())["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] == "code" and src.startswith("#| hide") and "Reference solution" in src:
+                exec(src, ns)
+    return ns
+
+
+def rejects(check, fn, *needles):
+    "Assert that `check(fn)` raises an ExerciseError whose message contains every needle."
+    with pytest.raises(ExerciseError) as info:
+        check(fn)
+    for needle in needles:
+        assert needle in str(info.value), f"{needle!r} not in:\n{info.value}"
+    return str(info.value)
+
+
+def test_exercise_error_is_an_assertion_error():
+    assert issubclass(ExerciseError, AssertionError)
+
+
+def test_package_functions_pass(capsys):
+    check_mse(mse)
+    check_fvu(fvu)
+    check_l1(l1)
+    check_auxk(auxk_loss)
+    check_topk(lambda z, k: topk_activation(SimpleNamespace(cfg=SimpleNamespace(k=k)), z))
+    check_jumprelu_ste(jumprelu)
+    check_jumprelu_ste(JumpReLUFn)          # an autograd.Function class is accepted too
+    out = capsys.readouterr().out
+    assert out.count("cases pass") == 7
+
+
+def test_hidden_solutions_of_the_chapters_pass(capsys):
+    ns = hidden_solutions()
+    assert {"my_fvu", "my_auxk", "my_topk", "MyJumpReLU"} <= set(ns)
+    check_fvu(ns["my_fvu"])
+    check_auxk(ns["my_auxk"])
+    check_topk(ns["my_topk"])
+    check_jumprelu_ste(ns["MyJumpReLU"])
+    assert capsys.readouterr().out.count("cases pass") == 4
+
+
+# ---- planted mistakes, each with the hint that names it -------------------------------------------------------
+
+def test_fvu_mistakes():
+    msg = rejects(check_fvu, lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / x.pow(2).sum(),
+                  "mean of x squared, not the variance about the mean", "expected:", "got:", "case:")
+    assert "[64, 8]" in msg                                                   # the inputs are described
+    rejects(check_fvu, lambda x_hat, x, mean=None: fvu(x_hat, x), "ignore the given `mean`")
+    rejects(check_fvu, lambda x_hat, x, mean=None: 1 - fvu(x_hat, x, mean), "explained variance")
+    rejects(check_fvu, lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (x - (x.mean(0) if mean is None else mean)).pow(2).sum(),
+            "leading dims are not flattened")
+    per_dim = lambda x_hat, x, mean=None: ((x - x_hat).pow(2).sum(0) / (x - (x.mean(0) if mean is None else mean)).pow(2).sum(0)).mean()
+    rejects(check_fvu, per_dim, "ratio per dimension")
+    rejects(check_fvu, lambda x_hat, x: fvu(x_hat, x), "raised TypeError")  # no `mean` argument
+
+
+def test_mse_mistakes():
+    rejects(check_mse, lambda x_hat, x: F.mse_loss(x_hat, x), "average over d instead of summing")
+    rejects(check_mse, lambda x_hat, x: (x - x_hat).pow(2).sum(), "you sum over rows")
+    rejects(check_mse, lambda x_hat, x: (x - x_hat).pow(2).sum(-1), "expected a 0-d tensor")
+    rejects(check_mse, lambda x_hat, x: torch.tensor(mse(x_hat, x).item()), "does not depend on `x_hat` through autograd")
+
+
+def test_l1_mistakes():
+    rejects(check_l1, lambda f, W_dec: f.abs().sum(-1).mean(), "ignores the decoder norms")
+    rejects(check_l1, lambda f, W_dec: (f.abs() * W_dec.norm(dim=1).pow(2)).sum(-1).mean(), "squared decoder norm")
+    rejects(check_l1, lambda f, W_dec: (f * W_dec.norm(dim=1)).sum(-1).mean(), "absolute value")
+    rejects(check_l1, lambda f, W_dec: (f.abs() * W_dec.norm(dim=0)).sum(-1).mean(), "raised RuntimeError")
+
+
+def test_topk_mistakes():
+    def keep(k_extra=0, relu=True, dim=-1, detach=False):
+        def topk(z, k):
+            vals, idx = z.topk(k + k_extra, dim=dim)
+            vals = F.relu(vals) if relu else vals
+            out = torch.zeros_like(z).scatter(dim, idx, vals)
+            return out.detach() if detach else out
+        return topk
+    rejects(check_topk, keep(k_extra=1), "more than k=4", "not k+1")
+    rejects(check_topk, keep(relu=False), "negative values kept", "ReLU")
+    def by_abs(z, k):                                                         # the k largest |z|, not the largest z
+        idx = z.abs().topk(k, -1).indices
+        return torch.zeros_like(z).scatter(-1, idx, F.relu(z.gather(-1, idx)))
+    rejects(check_topk, by_abs, "not the k largest")
+    rejects(check_topk, lambda z, k: keep()(z, k) * 2, "differs from its pre-activation")
+    rejects(check_topk, lambda z, k: keep()(z, k)[..., :-1], "shape of pre_acts")
+    rejects(check_topk, keep(detach=True), "gradient wrt pre_acts")
+
+
+def ste(width=1.0, sign=-1.0, theta_factor=True, use_grad=True):
+    "A JumpReLU autograd.Function with a configurable backward (the planted mistakes)."
+    class Planted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, theta, eps):
+            ctx.save_for_backward(z, theta)
+            ctx.eps = eps
+            return z * (z > theta).to(z.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            z, theta = ctx.saved_tensors
+            K = rectangle((z - theta) / (ctx.eps * width))
+            d = sign * (theta if theta_factor else 1.0) / ctx.eps * K * (g if use_grad else 1.0)
+            return g * (z > theta).to(z.dtype), d.sum_to_size(theta.shape), None
+    return Planted
+
+
+def test_jumprelu_ste_mistakes():
+    rejects(check_jumprelu_ste, ste(width=2.0), "kernel width", "|z - theta| < eps", "wrong gradient wrt theta")
+    rejects(check_jumprelu_ste, ste(sign=1.0), "sign")
+    rejects(check_jumprelu_ste, ste(theta_factor=False), "missing the factor theta")
+    rejects(check_jumprelu_ste, ste(use_grad=False), "ignore grad_output")
+    rejects(check_jumprelu_ste, lambda z, theta, eps: z * (z >= theta), "STRICT")
+    rejects(check_jumprelu_ste, lambda z, theta, eps: z * (z > theta), "no gradient reaches theta")
+    with pytest.raises(TypeError, match="callable"):
+        check_jumprelu_ste(3)
+
+
+def auxk(all_latents=False, relu=True, norm="centred", detach=True):
+    "An AuxK loss with the planted mistakes."
+    def loss(x, x_hat, pre_acts, W_dec, dead_mask, k_aux):
+        d = x.shape[-1]
+        e = (x - (x_hat.detach() if detach else x_hat)).reshape(-1, d)
+        z = pre_acts.reshape(-1, pre_acts.shape[-1])
+        mask = torch.ones_like(dead_mask) if all_latents else dead_mask
+        if not dead_mask.any():
+            return pre_acts.sum() * 0
+        vals, idx = z.masked_fill(~mask, float("-inf")).topk(min(k_aux, int(mask.sum())), dim=-1)
+        e_hat = torch.zeros_like(z).scatter(-1, idx, F.relu(vals) if relu else vals) @ W_dec
+        num = (e - e_hat).pow(2).sum()
+        return num / (e - e.mean(0)).pow(2).sum() if norm == "centred" else num / e.shape[0]
+    return loss
+
+
+def test_auxk_mistakes():
+    check_auxk(auxk())                                                       # the planting harness is right
+    rejects(check_auxk, auxk(all_latents=True), "not restricted to dead latents")
+    rejects(check_auxk, auxk(relu=False), "ReLU the selected dead pre-activations")
+    rejects(check_auxk, auxk(norm="none"), "normalise")
+    rejects(check_auxk, auxk(detach=False), "gradient into x_hat", "detach x_hat")

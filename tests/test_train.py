@@ -1,0 +1,295 @@
+"Tests of sae_nb.train: config checks, every variant, history, checkpoints, resume after SIGKILL, DDP."
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sae_nb
+import sae_nb.train as train_module
+from sae_nb.data import ToyFeatures
+from sae_nb.losses import CROSS_SAMPLE_PENALTIES
+from sae_nb.sae import SAE, VARIANTS
+from sae_nb.train import CHECKPOINT_FILE, TrainConfig, load_checkpoint, train
+
+torch.set_num_threads(1)  # tiny shapes; also keeps in-process and subprocess runs on the same kernels
+REPO = Path(sae_nb.__file__).resolve().parents[1]
+SMALL = dict(d_in=16, d_sae=32, k=2, batch_size=64, lr=3e-3, progress=False, log_every=5)
+
+
+def toy():
+    return ToyFeatures(d_in=16, n_features=32, mean_active=2, seed=0)
+
+
+def toy_batches(n, batch_size=64):
+    t = toy()
+    return [t.sample(batch_size)[0] for _ in range(n)]
+
+
+def assert_same_sae(a: SAE, b: SAE):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+# -- configuration and inputs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("variant", "sparse"), ("d_sae", 0), ("k", -1), ("l1_coefficient", -1.0), ("total_tokens", 10),
+    ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("lr_decay", 1.5), ("adam_betas", (0.9, 1.0)),
+    ("grad_clip", 0.0), ("b_dec_init", "median"), ("dead_tokens_threshold", 0), ("cross_sample_penalty", "l2"),
+    ("cross_sample_coefficient", -1.0), ("device", "gpu7"), ("autocast", "float16"), ("checkpoint_every", 0),
+    ("log_every", 0), ("progress", "yes"), ("sparsity_warmup_steps", -1), ("sae_kwargs", None),
+])
+def test_config_validation_names_the_field(field, value, tmp_path):
+    cfg = dataclasses.replace(TrainConfig(**SMALL, checkpoint_dir=str(tmp_path / "ckpt")), **{field: value})
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        train(cfg, toy())
+    assert not (tmp_path / "ckpt").exists()  # nothing written before the check
+
+
+def test_k_larger_than_d_sae():
+    with pytest.raises(ValueError, match="TrainConfig.k"):
+        train(TrainConfig(**{**SMALL, "k": 33}), toy())
+
+
+def test_wrong_width_names_expected_and_got():
+    with pytest.raises(ValueError, match=r"\[batch, 16\].*\(64, 5\)"):
+        train(TrainConfig(**SMALL, total_tokens=640), [torch.zeros(64, 5)])
+    with pytest.raises(ValueError, match="d_in=16.*d_in=8"):
+        train(TrainConfig(**SMALL, total_tokens=640), ToyFeatures(d_in=8, n_features=8, mean_active=1))
+
+
+def test_source_type_error():
+    with pytest.raises(TypeError, match="source"):
+        train(TrainConfig(**SMALL, total_tokens=640), 3)
+
+
+def test_tensor_source_and_rebatching():
+    "A tensor and an iterable of odd-sized batches give the same run as the same rows in batches of 64."
+    rows = torch.cat(toy_batches(10))
+    cfg = TrainConfig(**SMALL, total_tokens=640)
+    a = train(cfg, rows)
+    b = train(cfg, list(rows.split(48)))
+    assert_same_sae(a.sae, b.sae)
+
+
+# -- every variant, the penalties, the history ------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_variant_trains(variant):
+    cfg = TrainConfig(**{**SMALL, "variant": variant}, total_tokens=20 * 64, sparsity_warmup_steps=5,
+                      l1_coefficient=0.1, l0_coefficient=0.01, dead_tokens_threshold=256)
+    result = train(cfg, toy())
+    h = result.history
+    assert [r["step"] for r in h] == [5, 10, 15, 20]
+    for key in ("loss", "mse", "fvu", "l0", "sparsity", "aux", "lr", "dead_fraction", "dense_fraction", "tokens"):
+        assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in h), key
+    assert h[-1]["fvu"] < h[0]["fvu"] and result.sae.cfg.variant == variant
+
+
+@pytest.mark.parametrize("penalty", list(CROSS_SAMPLE_PENALTIES))
+def test_cross_sample_penalties(penalty):
+    cfg = TrainConfig(**SMALL, total_tokens=10 * 64, cross_sample_penalty=penalty, cross_sample_coefficient=0.5)
+    h = train(cfg, toy()).history
+    assert all("cross_sample" in r and r["cross_sample"] >= 0 for r in h)
+    assert h[-1]["loss"] >= h[-1]["fidelity"] + h[-1]["cross_sample"] - 1e-5
+
+
+def test_history_written_as_json_lines(tmp_path):
+    path = tmp_path / "history.jsonl"
+    result = train(TrainConfig(**SMALL, total_tokens=12 * 64, history_path=str(path)), toy())
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == result.history and [r["step"] for r in lines] == [5, 10, 12]
+
+
+def test_act_scale_copied_from_source():
+    class Scaled(list):
+        act_scale = 0.25
+    result = train(TrainConfig(**SMALL, total_tokens=128), Scaled(toy_batches(2)))
+    assert result.sae.cfg.act_scale == 0.25
+
+
+# -- checkpoints and resume ---------------------------------------------------------------------------------
+
+class StopAfter:
+    "The batches, then KeyboardInterrupt after `n` of them (a clean Ctrl-C)."
+    def __init__(self, batches, n): self.batches, self.n = batches, n
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            if i == self.n: raise KeyboardInterrupt
+            yield b
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    batches = toy_batches(30)
+    cfg = TrainConfig(**SMALL, total_tokens=30 * 64, checkpoint_dir=str(tmp_path), checkpoint_every=7,
+                      dead_tokens_threshold=256, lr_warmup_steps=3, history_path=str(tmp_path / "h.jsonl"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, StopAfter(batches, 17))
+    assert load_checkpoint(tmp_path)["step"] == 14
+    resumed = train(cfg, batches)
+    straight = train(dataclasses.replace(cfg, checkpoint_dir=None, history_path=None), batches)
+    assert_same_sae(resumed.sae, straight.sae)
+    assert resumed.history == straight.history
+    assert [json.loads(l) for l in (tmp_path / "h.jsonl").read_text().splitlines()] == straight.history
+    state = load_checkpoint(tmp_path)
+    assert state["done"] and state["step"] == 30
+    again = train(cfg, StopAfter(batches, 0))  # finished: nothing is read from the source
+    assert_same_sae(again.sae, straight.sae)
+    with pytest.raises(ValueError, match="lr"):
+        train(dataclasses.replace(cfg, lr=1e-2), batches)  # another run in the same directory is refused
+
+
+class StoreLike:
+    "Stateful like ActivationStore: its own iterator, `position` state, batches of 48 rows (not the 64 trained on)."
+    d_in, act_scale = 16, 0.5
+    def __init__(self, stop_at=None):
+        self.rows, self.position, self.stop_at = torch.cat(toy_batches(40)), 0, stop_at
+    def __iter__(self): return self
+    def __next__(self):
+        if self.position == self.stop_at: raise KeyboardInterrupt
+        if self.position + 48 > len(self.rows): raise StopIteration
+        self.position += 48
+        return self.rows[self.position - 48:self.position]
+    def state_dict(self): return {"position": self.position}
+    def load_state_dict(self, state): self.position = state["position"]
+
+
+def test_resume_with_stateful_source_and_pending_rows(tmp_path):
+    cfg = TrainConfig(**SMALL, total_tokens=25 * 64, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, StoreLike(stop_at=48 * 18))
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 10 and len(state["stream"]["pending"]) == 48 * 14 - 64 * 10   # rows pulled, not yet used
+    resumed = train(cfg, StoreLike())
+    straight = train(dataclasses.replace(cfg, checkpoint_dir=None), StoreLike())
+    assert_same_sae(resumed.sae, straight.sae)
+    assert resumed.sae.cfg.act_scale == 0.5
+
+
+def test_crash_while_committing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    "os.replace failing (a crash mid-commit) leaves the previous checkpoint loadable, and resuming is exact."
+    cfg = TrainConfig(**SMALL, total_tokens=20 * 64, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    real_replace, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2: raise OSError("simulated crash during os.replace")
+        return real_replace(src, dst)
+    monkeypatch.setattr(train_module.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg, toy())
+    monkeypatch.setattr(train_module.os, "replace", real_replace)
+    assert load_checkpoint(tmp_path)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no temp file left behind
+    resumed = train(cfg, toy())
+    assert_same_sae(resumed.sae, train(dataclasses.replace(cfg, checkpoint_dir=None), toy()).sae)
+
+
+def test_nonfinite_input_stops_and_keeps_checkpoint(tmp_path):
+    batches = toy_batches(20)
+    batches[12] = batches[12].clone()
+    batches[12][5, 3] = float("inf")
+    cfg = TrainConfig(**SMALL, total_tokens=20 * 64, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    with pytest.raises(ValueError, match="step 13"):
+        train(cfg, batches)
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 10 and not state["done"]
+    assert all(torch.isfinite(t).all() for t in state["sae"].values())
+
+
+def test_nonfinite_loss_stops_with_step(tmp_path):
+    batches = toy_batches(20)
+    batches[7] = batches[7] * 1e30   # finite input whose squared error overflows
+    cfg = TrainConfig(**SMALL, total_tokens=20 * 64, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    with pytest.raises(FloatingPointError, match="step 8"):
+        train(cfg, batches)
+    assert load_checkpoint(tmp_path)["step"] == 5
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from sae_nb.data import ToyFeatures
+    from sae_nb.train import TrainConfig, train
+
+    class SlowToy(ToyFeatures):  # the same stream, slower, so that the kill lands mid-run
+        def sample(self, n):
+            time.sleep(0.01)
+            return super().sample(n)
+
+    cfg = TrainConfig(d_in=16, d_sae=32, k=2, batch_size=64, lr=3e-3, total_tokens=300 * 64, dead_tokens_threshold=640,
+                      checkpoint_dir=sys.argv[1], checkpoint_every=3, log_every=5, lr_warmup_steps=10, progress=False)
+    train(cfg, SlowToy(d_in=16, n_features=32, mean_active=2, seed=0))
+""")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    "Kill -9 a training process at a random moment after its first checkpoint; resuming equals an unbroken run (~15 s)."
+    script, ckpt = tmp_path / "run.py", tmp_path / "ckpt"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and not (ckpt / CHECKPOINT_FILE).exists():
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.05, 0.3))   # then somewhere mid-run, maybe mid-write
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    state = load_checkpoint(ckpt)
+    assert not state["done"] and 0 < state["step"] < 300
+    cfg = TrainConfig(d_in=16, d_sae=32, k=2, batch_size=64, lr=3e-3, total_tokens=300 * 64, dead_tokens_threshold=640,
+                      checkpoint_every=3, log_every=5, lr_warmup_steps=10, progress=False)
+    resumed = train(dataclasses.replace(cfg, checkpoint_dir=str(ckpt)), toy())
+    straight = train(cfg, toy())
+    assert_same_sae(resumed.sae, straight.sae)
+    assert resumed.history == straight.history
+
+
+# -- DDP -------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from sae_nb.data import ToyFeatures
+    from sae_nb.train import TrainConfig, train
+    for variant in ("topk", "relu"):
+        cfg = TrainConfig(variant=variant, d_in=16, d_sae=32, k=2, l1_coefficient=0.3, total_tokens=30 * 64,
+                          batch_size=64, lr=3e-3, dead_tokens_threshold=10**9, progress=False, log_every=5)
+        result = train(cfg, ToyFeatures(d_in=16, n_features=32, mean_active=2, seed=0))
+        if int(os.environ["RANK"]) == 0:
+            result.sae.save(os.path.join(sys.argv[1], variant))
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    "torchrun with 2 gloo processes on the CPU trains the same SAE as 1 process with the same global batch (10 s)."
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=subprocess_env(), capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    for variant in ("topk", "relu"):
+        cfg = TrainConfig(variant=variant, d_in=16, d_sae=32, k=2, l1_coefficient=0.3, total_tokens=30 * 64,
+                          batch_size=64, lr=3e-3, dead_tokens_threshold=10**9, progress=False, log_every=5)
+        single = train(cfg, toy()).sae.state_dict()
+        both = SAE.load(tmp_path / variant).state_dict()
+        for name in single:
+            torch.testing.assert_close(both[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
