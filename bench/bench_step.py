@@ -1,0 +1,338 @@
+"""Tokens per second of one full SAE training step: sae_nb's variants against SAELens and EleutherAI sparsify.
+
+    python bench/bench_step.py                   # default shape: d_in 512, d_sae 4096, batch 4096, k 32
+    python bench/bench_step.py --config large    # d_in 768, d_sae 16 x 768
+    python bench/bench_step.py --quick --no-peers --in-process   # the smoke run of tests/test_bench.py
+
+Every measurement runs in a fresh process (ours with this python, the peers with bench/.peers/venv's,
+built by bench/setup_peers.sh) on the same batch, shape, dtype and thread count; rounds alternate
+ours and theirs so that machine noise hits both, and each number is the median over the rounds of
+the median step time in a process, after untimed warm-up steps. The same run measures the matmul
+peak on the encoder's shape and reports each step against the dense roofline (10 d_in d_sae FLOPs
+per token) and its peak memory against params + Adam state + one batch of activations and latents.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import harness
+from sae_nb.sae import make_sae
+from sae_nb.train import TrainConfig, TrainingLoss, lr_factor, ramp, resolve_config
+
+HERE = Path(__file__).resolve().parent
+PEERS_PYTHON = HERE / ".peers" / "venv" / "bin" / "python"
+VARIANTS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+SAELENS_NAME = {"relu": "Standard", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
+                "gated": "Gated", "matryoshka": "MatryoshkaBatchTopK"}
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+# -- sae_nb's step: what sae_nb.train.train does for one batch ----------------------------------------------------
+def sae_nb_builder(variant: str, sae_kwargs: dict):
+    def build(shape, x, dead_mask, autocast):
+        batch = shape["batch"]
+        cfg = resolve_config(TrainConfig(variant=variant, d_in=shape["d_in"], d_sae=shape["d_sae"], k=shape["k"],
+                                         batch_size=batch, total_tokens=1_000_000 * batch, sae_kwargs=sae_kwargs,
+                                         progress=False), x)
+        sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
+        sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
+        sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed, **{**sae_kw, **cfg.sae_kwargs}).to(x.device)
+        sae.train()
+        total_steps = cfg.total_tokens // cfg.batch_size
+        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total_steps,
+                                                               warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay))
+        tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
+        window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
+        model = TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient)
+        sae.init_b_dec(x, cfg.b_dec_init)   # train's first step only: not timed
+        state = {"step": 0}
+
+        def step():   # the body of train()'s loop, single process, without the logging every log_every steps
+            tokens_since_fired.masked_fill_(dead_mask, cfg.dead_tokens_threshold)   # the pinned dead latents
+            xb = x.to(x.device, torch.float32, non_blocking=True)
+            if not torch.isfinite(xb).all(): raise ValueError("non-finite batch")
+            sparsity_scale = ramp(state["step"], cfg.sparsity_warmup_steps)
+            dead = tokens_since_fired >= cfg.dead_tokens_threshold
+            with autocast:
+                loss, latents, terms = model(xb, dead, sparsity_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip or math.inf)
+            if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all():
+                raise FloatingPointError("non-finite loss or gradient")
+            opt.step()
+            sched.step()
+            sae.set_decoder_norm_to_unit_norm()
+            state["step"] += 1
+            fired = (latents != 0).sum(0)
+            tokens_since_fired.add_(batch)
+            tokens_since_fired[fired > 0] = 0
+            window_fired.add_(fired)
+        return step
+    return build
+
+
+def ours_versions() -> dict:
+    return {p: version(p) for p in ("torch", "sae_nb")}
+
+
+# -- the matmul peak -----------------------------------------------------------------------------------------------
+def matmul_peak(shape: dict, device: str, reps: int = 5) -> float:
+    "Best FLOP/s of x [batch, d_in] @ W_enc [d_in, d_sae] (fp32 on CPU, bf16 on CUDA), fresh tensors, 2 threads."
+    autocast = harness.setup(device)
+    x = harness.make_batch(shape["d_in"], shape["batch"], device)
+    w = torch.randn(shape["d_in"], shape["d_sae"], device=device)
+    with autocast:
+        times = harness.time_steps(lambda: x @ w, device, warmup=2, steps=reps)
+    return 2 * shape["batch"] * shape["d_in"] * shape["d_sae"] / min(times)
+
+
+# -- running the workers -------------------------------------------------------------------------------------------
+def run_worker(python: str, script: Path, impl: str, variant: str, args, extra=()) -> dict:
+    cmd = [python, str(script), "--impl", impl, "--variant", variant, "--config", args.config, "--device", args.device,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(harness.THREADS), "PYTHONPATH": str(HERE)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
+    if p.returncode != 0:
+        raise RuntimeError(f"{impl} {variant} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_in_process(impl, variant, args) -> dict:
+    "Our step measured in this process (the smoke test: no process start-up; memory is only indicative)."
+    out = harness.measure(sae_nb_builder(variant, parse_kw(args.sae_kw)), args)
+    return {"impl": impl, "variant": variant, "versions": ours_versions(), **out}
+
+
+def parse_kw(items) -> dict:
+    "`key=value` pairs (values parsed as JSON when they can be) for make_sae."
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try: out[key] = json.loads(value)
+        except json.JSONDecodeError: out[key] = value
+    return out
+
+
+def jobs_of_round(variants, peers: bool) -> list[tuple[str, str]]:
+    "(impl, variant) pairs measured in one round: ours and the peers' same variant next to each other."
+    jobs = []
+    for v in variants:
+        jobs.append(("sae_nb", v))
+        if peers:
+            jobs.append(("saelens", v))
+            if v == "topk": jobs.append(("sparsify", "topk"))
+    if peers and "topk" not in variants: jobs.append(("sparsify", "topk"))
+    return jobs
+
+
+# -- the report ----------------------------------------------------------------------------------------------------
+def floor_bytes(shape: dict, n_params: int) -> int:
+    "params + Adam's two moments + one batch of activations [batch, d_in] and latents [batch, d_sae], fp32."
+    return 4 * (3 * n_params + shape["batch"] * (shape["d_in"] + shape["d_sae"]))
+
+
+def n_params(shape: dict) -> int:
+    "W_enc, b_enc, W_dec, b_dec."
+    d_in, d_sae = shape["d_in"], shape["d_sae"]
+    return 2 * d_in * d_sae + d_sae + d_in
+
+
+def summarise(results: list[dict], shape: dict, peak_flops: float, variants) -> list[dict]:
+    "One row per variant: median tokens/s of each implementation, ratios, roofline fraction, memory."
+    by = {}
+    for r in results:
+        by.setdefault((r["impl"], r["variant"]), []).append(r)
+    med = {key: statistics.median(r["tokens_per_s"] for r in rs) for key, rs in by.items()}
+    mem = {key: statistics.median(r["peak_bytes"] for r in rs) for key, rs in by.items()}
+    roofline = peak_flops / (10 * shape["d_in"] * shape["d_sae"])
+    sparsify_topk = med.get(("sparsify", "topk"))
+    rows = []
+    for v in variants:
+        ours = med[("sae_nb", v)]
+        saelens = med.get(("saelens", v))
+        same = [t for t in (saelens, sparsify_topk if v in ("topk", "matryoshka") else None) if t]
+        best = max(same) if same else None
+        rows.append({
+            "variant": v, "sae_nb_tok_s": ours, "roofline_fraction": ours / roofline,
+            "saelens_tok_s": saelens, "sparsify_topk_tok_s": sparsify_topk, "best_peer_tok_s": best,
+            "ratio_best_peer": ours / best if best else None,
+            "ratio_sparsify_topk": ours / sparsify_topk if sparsify_topk else None,
+            "ratio_saelens": ours / saelens if saelens else None,
+            "sae_nb_peak_mb": mem[("sae_nb", v)] / 2**20,
+            "saelens_peak_mb": mem[("saelens", v)] / 2**20 if ("saelens", v) in mem else None,
+            "sparsify_topk_peak_mb": mem[("sparsify", "topk")] / 2**20 if ("sparsify", "topk") in mem else None,
+            "floor_mb": floor_bytes(shape, n_params(shape)) / 2**20,
+        })
+    return rows
+
+
+def fmt(v, spec="{:,.0f}", none="–"):
+    return none if v is None else spec.format(v)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    s = meta["shape"]
+    lines = [
+        f"Step throughput, {meta['date']}, {meta['machine']}, {meta['device']} "
+        f"({'fp32' if meta['device'] == 'cpu' else 'bf16 autocast'}), {harness.THREADS} threads; "
+        f"d_in {s['d_in']}, d_sae {s['d_sae']}, batch {s['batch']}, k {s['k']}; "
+        f"median of {meta['rounds']} rounds x {meta['steps']} steps (after {meta['warmup']} warm-up); "
+        f"load average {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.",
+        f"Matmul peak on the encoder's shape: {meta['peak_gflops']:.1f} GFLOP/s -> dense roofline "
+        f"{meta['roofline_tok_s']:,.0f} tokens/s (10 d_in d_sae FLOPs per token). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+        "| variant | sae_nb tok/s | of roofline | SAELens tok/s | sparsify TopK tok/s | sae_nb / best peer "
+        "| sae_nb / sparsify TopK | sae_nb peak MB | SAELens peak MB | floor MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {fmt(r['sae_nb_tok_s'])} | {fmt(r['roofline_fraction'], '{:.0%}')} "
+            f"| {fmt(r['saelens_tok_s'])} | {fmt(r['sparsify_topk_tok_s'])} | {fmt(r['ratio_best_peer'], '{:.2f}x')} "
+            f"| {fmt(r['ratio_sparsify_topk'], '{:.2f}x')} | {fmt(r['sae_nb_peak_mb'])} | {fmt(r['saelens_peak_mb'])} "
+            f"| {fmt(r['floor_mb'])} |")
+    if any(r["sparsify_topk_peak_mb"] for r in rows):
+        lines.append("")
+        lines.append(f"sparsify TopK peak memory: {rows[0]['sparsify_topk_peak_mb']:,.0f} MB. "
+                     "Best peer: the faster of SAELens's same variant and, for topk and matryoshka, sparsify TopK. "
+                     "Floor: params + Adam moments + one batch of activations and latents (fp32).")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): cpu = line.split(":", 1)[1].strip(); break
+    except OSError: pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def profile(args):
+    "Where one sae_nb step spends its time: torch.profiler's table of ops, by self CPU time."
+    autocast = harness.setup(args.device)
+    shape = harness.CONFIGS[args.config]
+    x = harness.make_batch(shape["d_in"], shape["batch"], args.device)
+    step = sae_nb_builder(args.profile, parse_kw(args.sae_kw))(shape, x, harness.make_dead_mask(shape["d_sae"], args.device), autocast)
+    harness.time_steps(step, args.device, args.warmup, 0)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device != "cpu" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps): step()
+        harness.sync(args.device)
+    print(f"{args.profile}, {args.config} shape {shape}, {args.steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total" if args.device == "cpu" else "self_cuda_time_total", row_limit=25))
+
+
+# -- main ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="default", choices=list(harness.CONFIGS))
+    p.add_argument("--quick", action="store_true", help="the small smoke shape (same as --config quick)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--rounds", type=int, default=None, help="rounds of all measurements (default 3; 2 for large)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; 3 for large)")
+    p.add_argument("--no-peers", action="store_true", help="measure sae_nb only")
+    p.add_argument("--in-process", action="store_true", help="measure sae_nb in this process (smoke test)")
+    p.add_argument("--sae-kw", nargs="*", default=[], metavar="KEY=VALUE", help="extra make_sae fields, e.g. sparse_step=false")
+    p.add_argument("--peers-python", default=str(PEERS_PYTHON))
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<date>.json)")
+    p.add_argument("--summarise", metavar="JSON", help="print the table of an interrupted run from its partial JSON")
+    p.add_argument("--profile", choices=VARIANTS, help="print torch.profiler's op table of one sae_nb step and stop")
+    p.add_argument("--impl", help=argparse.SUPPRESS)   # worker mode: one measurement, one JSON line
+    args, rest = p.parse_known_args(argv)
+    if args.quick: args.config = "quick"
+    large = args.config == "large"
+    args.rounds = args.rounds or (2 if large else 3)
+    args.steps = args.steps or (3 if large else 5)
+
+    if args.impl is not None:   # a worker process
+        harness.worker_main(sys.argv[1:] if argv is None else argv,
+                            {("sae_nb", v): sae_nb_builder(v, parse_kw(args.sae_kw)) for v in VARIANTS}, ours_versions())
+        return
+
+    if args.profile:
+        return profile(args)
+    if args.summarise:   # the table of an interrupted run, from the JSON it wrote after each measurement
+        saved = json.loads(Path(args.summarise).read_text())
+        for key in ("config", "device", "steps", "warmup", "sae_kw", "in_process"): setattr(args, key, saved["args"][key])
+        versions = next((r["versions"] for r in saved["results"] if r["impl"] != "sae_nb"), {})
+        return report(args, harness.CONFIGS[args.config], saved["peaks"], saved["results"], versions,
+                      (float("nan"),) * 3, time.time(), Path(args.summarise))
+    peers = not args.no_peers
+    if peers and not Path(args.peers_python).exists():
+        sys.exit(f"no peers venv at {args.peers_python}: run `bash bench/setup_peers.sh`, or pass --no-peers")
+    shape = harness.CONFIGS[args.config]
+    load_before = os.getloadavg()
+    t_start = time.time()
+    date = dt.date.today().isoformat()
+    out = Path(args.out) if args.out else HERE / "results" / f"{date}-{args.config}-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, peaks, peer_versions = [], [], {}
+    for r in range(args.rounds):
+        jobs = jobs_of_round(args.variants, peers)
+        if r % 2: jobs = jobs[::-1]            # alternate who goes first
+        peaks.append(matmul_peak(shape, args.device))
+        for impl, variant in jobs:
+            if impl == "sae_nb":
+                extra = [x for kv in args.sae_kw for x in ("--sae-kw", kv)]
+                res = run_in_process(impl, variant, args) if args.in_process else \
+                    run_worker(sys.executable, Path(__file__).resolve(), impl, variant, args, extra)
+            else:
+                res = run_worker(args.peers_python, HERE / "peer_step.py", impl, variant, args)
+                peer_versions = res["versions"]
+            res["round"] = r
+            results.append(res)
+            out.write_text(json.dumps({"partial": True, "args": vars(args), "peaks": peaks, "results": results}))
+            print(f"round {r + 1}/{args.rounds} {impl:8s} {variant:10s} {res['tokens_per_s']:10,.0f} tok/s "
+                  f"{res['seconds'] * 1e3:8.1f} ms/step  peak {res['peak_bytes'] / 2**20:7.0f} MB", file=sys.stderr)
+    return report(args, shape, peaks, results, peer_versions, load_before, t_start, out)
+
+
+def report(args, shape, peaks, results, peer_versions, load_before, t_start, out):
+    "Write the JSON and print the markdown table of a finished (or, with --summarise, interrupted) run."
+    peak_flops = max(peaks)
+    versions = {"torch": torch.__version__, "sae_nb": version("sae_nb")}
+    versions.update({k: v for k, v in peer_versions.items() if k != "torch"})
+    rounds_done = len({r["round"] for r in results})
+    meta = {
+        "date": dt.date.today().isoformat(), "time": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(), "device": args.device, "config": args.config, "shape": shape,
+        "threads": harness.THREADS, "rounds": rounds_done, "steps": args.steps, "warmup": args.warmup,
+        "dead_fraction": harness.DEAD_FRACTION, "sae_kwargs": parse_kw(args.sae_kw),
+        "peak_gflops": peak_flops / 1e9, "peak_gflops_rounds": [p / 1e9 for p in peaks],
+        "roofline_tok_s": peak_flops / (10 * shape["d_in"] * shape["d_sae"]),
+        "load_before": load_before, "load_after": os.getloadavg(), "wall_s": time.time() - t_start,
+        "versions": versions, "in_process": args.in_process,
+    }
+    rows = summarise(results, shape, peak_flops, sorted({r["variant"] for r in results if r["impl"] == "sae_nb"},
+                                                        key=VARIANTS.index))
+    table = markdown(rows, meta)
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "results": results, "table": table, "args": vars(args), "peaks": peaks}, indent=1))
+    print(table)
+    print(f"\n(JSON: {out})", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
