@@ -15,13 +15,7 @@ from sae_nb.sae import JumpReLUFn, jumprelu, rectangle, topk_activation
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The shapes here are tiny: one thread is fastest, and kind to a shared CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def hidden_solutions() -> dict:

@@ -19,13 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / "bench" / ".peers" / "venv" / "bin" / "python"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The shapes here are tiny: one thread is fastest, and kind to a shared CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def rows(n=64, seed=0):

@@ -16,13 +16,7 @@ D_IN, D_SAE, K = 16, 64, 4
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The shapes here are tiny: one thread is fastest, and kind to a shared CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def toy_rows(n, d_in=D_IN, n_dirs=32, p=0.1, seed=0):

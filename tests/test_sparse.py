@@ -12,13 +12,7 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 SHAPES = [(16, 64, 4, (64,)), (24, 96, 7, (5, 13)), (8, 40, 1, (3, 4, 6)), (32, 128, 16, (100,))]  # d_in, d_sae, k, x shape
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The shapes here are tiny: one thread is fastest, and kind to a shared CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
 def pair(name, d_in, d_sae, k, dtype="float32", **kw):
