@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -28,11 +27,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import harness
 from sae_nb.sae import make_sae
-from sae_nb.train import TrainConfig, TrainingLoss, lr_factor, ramp, resolve_config
+from sae_nb.train import (TrainConfig, TrainingLoss, count_firing, lr_factor, make_optimizer, ramp, resolve_config,
+                          retain_freed_memory, train_step)
 
 HERE = Path(__file__).resolve().parent
 PEERS_PYTHON = HERE / ".peers" / "venv" / "bin" / "python"
@@ -43,24 +42,26 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
 # -- sae_nb's step: what sae_nb.train.train does for one batch ----------------------------------------------------
-def sae_nb_builder(variant: str, sae_kwargs: dict):
+def sae_nb_builder(variant: str, sae_kwargs: dict, train_kwargs: dict | None = None, sparsity: str = "init"):
     def build(shape, x, dead_mask, autocast):
         batch = shape["batch"]
         cfg = resolve_config(TrainConfig(variant=variant, d_in=shape["d_in"], d_sae=shape["d_sae"], k=shape["k"],
                                          batch_size=batch, total_tokens=1_000_000 * batch, sae_kwargs=sae_kwargs,
-                                         progress=False), x)
+                                         progress=False, **(train_kwargs or {})), x)
+        if x.device.type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()   # as train() does
         sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
         sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
         sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed, **{**sae_kw, **cfg.sae_kwargs}).to(x.device)
         sae.train()
         total_steps = cfg.total_tokens // cfg.batch_size
-        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        opt = make_optimizer(sae, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total_steps,
                                                                warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay))
         tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
         window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
         model = TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient)
         sae.init_b_dec(x, cfg.b_dec_init)   # train's first step only: not timed
+        if sparsity == "trained": set_trained_sparsity(sae, x, shape["k"])
         state = {"step": 0}
 
         def step():   # the body of train()'s loop, single process, without the logging every log_every steps
@@ -69,24 +70,23 @@ def sae_nb_builder(variant: str, sae_kwargs: dict):
             if not torch.isfinite(xb).all(): raise ValueError("non-finite batch")
             sparsity_scale = ramp(state["step"], cfg.sparsity_warmup_steps)
             dead = tokens_since_fired >= cfg.dead_tokens_threshold
-            with autocast:
-                loss, latents, terms = model(xb, dead, sparsity_scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip or math.inf)
-            if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all():
-                raise FloatingPointError("non-finite loss or gradient")
-            opt.step()
-            sched.step()
-            sae.set_decoder_norm_to_unit_norm()
+            out = train_step(model, opt, sched, xb, dead, sparsity_scale, cfg.grad_clip, autocast, state["step"])
             state["step"] += 1
-            fired = (latents != 0).sum(0)
-            tokens_since_fired.add_(batch)
-            tokens_since_fired[fired > 0] = 0
-            window_fired.add_(fired)
+            count_firing(tokens_since_fired, window_fired, out.fired, batch)
         return step
     return build
+
+
+@torch.no_grad()
+def set_trained_sparsity(sae, x, k: int):
+    "Give a relu / jumprelu / gated SAE the sparsity of a trained one: each latent fires on about k/d_sae of the rows of x."
+    if sae.cfg.variant not in ("relu", "jumprelu", "gated"): return
+    pre = sae.pre_acts(x) - sae.b_enc                                    # [batch, d_sae] without the encoder bias
+    q = torch.quantile(pre[: min(len(pre), 4096)].float(), 1 - k / sae.cfg.d_sae, dim=0).to(pre.dtype)  # per latent
+    if sae.cfg.variant == "jumprelu":                                   # thresholds, with b_enc = 0
+        sae.log_threshold.copy_(q.clamp_min(1e-3).log())
+    else:                                                               # relu: pre-activation; gated: the gate
+        sae.b_enc.copy_(-q)
 
 
 def ours_versions() -> dict:
@@ -117,7 +117,7 @@ def run_worker(python: str, script: Path, impl: str, variant: str, args, extra=(
 
 def run_in_process(impl, variant, args) -> dict:
     "Our step measured in this process (the smoke test: no process start-up; memory is only indicative)."
-    out = harness.measure(sae_nb_builder(variant, parse_kw(args.sae_kw)), args)
+    out = harness.measure(sae_nb_builder(variant, parse_kw(args.sae_kw), parse_kw(args.train_kw), args.sparsity), args)
     return {"impl": impl, "variant": variant, "versions": ours_versions(), **out}
 
 
@@ -232,7 +232,8 @@ def profile(args):
     autocast = harness.setup(args.device)
     shape = harness.CONFIGS[args.config]
     x = harness.make_batch(shape["d_in"], shape["batch"], args.device)
-    step = sae_nb_builder(args.profile, parse_kw(args.sae_kw))(shape, x, harness.make_dead_mask(shape["d_sae"], args.device), autocast)
+    build = sae_nb_builder(args.profile, parse_kw(args.sae_kw), parse_kw(args.train_kw), args.sparsity)
+    step = build(shape, x, harness.make_dead_mask(shape["d_sae"], args.device), autocast)
     harness.time_steps(step, args.device, args.warmup, 0)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device != "cpu" else [])
     with torch.profiler.profile(activities=acts) as prof:
@@ -255,6 +256,10 @@ def main(argv=None):
     p.add_argument("--no-peers", action="store_true", help="measure sae_nb only")
     p.add_argument("--in-process", action="store_true", help="measure sae_nb in this process (smoke test)")
     p.add_argument("--sae-kw", nargs="*", default=[], metavar="KEY=VALUE", help="extra make_sae fields, e.g. sparse_step=false")
+    p.add_argument("--train-kw", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra TrainConfig fields of sae_nb's step, e.g. retain_cpu_memory=false")
+    p.add_argument("--sparsity", default="init", choices=("init", "trained"),
+                   help="sae_nb relu/jumprelu/gated: random init, or biases/thresholds set so that L0 is about k")
     p.add_argument("--peers-python", default=str(PEERS_PYTHON))
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<date>.json)")
     p.add_argument("--summarise", metavar="JSON", help="print the table of an interrupted run from its partial JSON")
@@ -268,7 +273,8 @@ def main(argv=None):
 
     if args.impl is not None:   # a worker process
         harness.worker_main(sys.argv[1:] if argv is None else argv,
-                            {("sae_nb", v): sae_nb_builder(v, parse_kw(args.sae_kw)) for v in VARIANTS}, ours_versions())
+                            {("sae_nb", v): sae_nb_builder(v, parse_kw(args.sae_kw), parse_kw(args.train_kw), args.sparsity)
+                             for v in VARIANTS}, ours_versions())
         return
 
     if args.profile:
@@ -276,6 +282,7 @@ def main(argv=None):
     if args.summarise:   # the table of an interrupted run, from the JSON it wrote after each measurement
         saved = json.loads(Path(args.summarise).read_text())
         for key in ("config", "device", "steps", "warmup", "sae_kw", "in_process"): setattr(args, key, saved["args"][key])
+        for key, default in (("train_kw", []), ("sparsity", "init")): setattr(args, key, saved["args"].get(key, default))
         versions = next((r["versions"] for r in saved["results"] if r["impl"] != "sae_nb"), {})
         return report(args, harness.CONFIGS[args.config], saved["peaks"], saved["results"], versions,
                       (float("nan"),) * 3, time.time(), Path(args.summarise))
@@ -295,7 +302,8 @@ def main(argv=None):
         peaks.append(matmul_peak(shape, args.device))
         for impl, variant in jobs:
             if impl == "sae_nb":
-                extra = [x for kv in args.sae_kw for x in ("--sae-kw", kv)]
+                extra = [x for kv in args.sae_kw for x in ("--sae-kw", kv)] + \
+                        [x for kv in args.train_kw for x in ("--train-kw", kv)] + ["--sparsity", args.sparsity]
                 res = run_in_process(impl, variant, args) if args.in_process else \
                     run_worker(sys.executable, Path(__file__).resolve(), impl, variant, args, extra)
             else:
@@ -320,6 +328,7 @@ def report(args, shape, peaks, results, peer_versions, load_before, t_start, out
         "machine": machine(), "device": args.device, "config": args.config, "shape": shape,
         "threads": harness.THREADS, "rounds": rounds_done, "steps": args.steps, "warmup": args.warmup,
         "dead_fraction": harness.DEAD_FRACTION, "sae_kwargs": parse_kw(args.sae_kw),
+        "train_kwargs": parse_kw(args.train_kw), "sparsity": args.sparsity,
         "peak_gflops": peak_flops / 1e9, "peak_gflops_rounds": [p / 1e9 for p in peaks],
         "roofline_tok_s": peak_flops / (10 * shape["d_in"] * shape["d_sae"]),
         "load_before": load_before, "load_after": os.getloadavg(), "wall_s": time.time() - t_start,

@@ -19,16 +19,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .losses import auxk_loss, fvu, l0, l1, mse
-from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_topk_pattern, decode_active,
-                           encoder_pre_acts, gather_pre_acts, nest_pattern, scatter_active, topk_pattern)
+import sae_nb.sparse as sparse_mod
+from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_block_decode, dead_topk_pattern,
+                           decode_active, encoder_pre_acts, gather_pre_acts, nest_pattern, scatter_active, topk_pattern)
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae', 'remove_parallel_component',
            'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'topk_activation', 'topk_aux', 'topk_select',
            'batchtopk_extras', 'update_threshold', 'batchtopk_activation', 'batchtopk_select', 'rectangle',
-           'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'jumprelu_extras', 'jumprelu_activation', 'jumprelu_l0',
-           'gated_extras', 'gated_activation', 'gated_l1', 'gated_aux', 'matryoshka_mse', 'matryoshka_select',
-           'save_sae', 'load_sae']
+           'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'JumpReLUL0Fn', 'jumprelu_extras', 'jumprelu_activation',
+           'jumprelu_l0', 'jumprelu_fused', 'gated_extras', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
+           'gated_fused', 'matryoshka_mse', 'matryoshka_select', 'save_sae', 'load_sae']
 
 # %% ../nbs/01_sae.ipynb #0aa5e862
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -124,6 +125,8 @@ class Variant(NamedTuple):
     aux: Callable | None = None   # (sae, x, x_hat, pre_acts, latents, dead_mask) -> 0-d, already weighted
     extras: Callable | None = None    # (cfg, dtype) -> {name: Parameter (trained) or Tensor (buffer)}
     select: Callable | None = None    # TopK family: (sae, pre_acts, update) -> ActivePattern of the sparse step
+    fused: Callable | None = None     # (sae, x, pre_acts) -> (latents, sparsity before its coefficient, aux or None):
+                                      # the same training terms and gradients in fewer passes over [n, d_sae]
 
 
 VARIANTS: dict[str, Variant] = {}  # name -> Variant; filled by the sections below
@@ -141,6 +144,7 @@ class TrainOutput(NamedTuple):
     x_hat: Tensor    # [n, d_in] reconstruction of the flattened rows
     latents: Tensor  # [n, d_sae] latents of the flattened rows
     terms: dict      # name -> detached 0-d tensor: mse, fvu, l0, fidelity, sparsity, aux (+ mse_prefix_<m>)
+    fired: Tensor | None = None  # [d_sae] int64: rows on which each latent is non-zero (the trainer's counters)
 
 # %% ../nbs/01_sae.ipynb #cbcdf4e2
 class SAE(nn.Module):
@@ -228,22 +232,31 @@ class SAE(nn.Module):
         sparsity_scale = _check_number("sparsity_scale", sparsity_scale, 0.0, 1.0)
         v, zero = self.variant, x.new_zeros(())
         if self._takes_sparse_step(x):
-            x_hat, latents, parts, aux, l0_value = self._sparse_terms(x, dead_mask)
+            x_hat, latents, parts, aux, fired = self._sparse_terms(x, dead_mask)
+            l0_value = fired.sum().to(x.dtype) / x.shape[0]
             sparsity = zero
         else:
-            latents, pre = self._encode(x, update=self.training)
+            fused = v.fused is not None and torch.is_grad_enabled()
+            if fused:                                # activation, penalty (and aux) as one autograd node
+                pre = self.pre_acts(x)
+                latents, penalty, fused_aux = v.fused(self, x, pre)
+            else:
+                latents, pre = self._encode(x, update=self.training)
             x_hat = latents @ self.W_dec + self.b_dec
             parts = v.fidelity(self, x, latents, x_hat) if v.fidelity else {"mse": mse(x_hat, x)}
             sparsity = zero
             if v.sparsity is not None:
-                sparsity = getattr(self.cfg, v.coefficient) * sparsity_scale * v.sparsity(self, pre, latents)
-            aux = v.aux(self, x, x_hat, pre, latents, dead_mask) if v.aux else zero
-            l0_value = l0(latents)
+                penalty = penalty if fused else v.sparsity(self, pre, latents)
+                sparsity = getattr(self.cfg, v.coefficient) * sparsity_scale * penalty
+            if fused: aux = zero if fused_aux is None else fused_aux
+            else: aux = v.aux(self, x, x_hat, pre, latents, dead_mask) if v.aux else zero
+            fired = (latents != 0).sum(0)
+            l0_value = fired.sum().to(x.dtype) / x.shape[0]   # = l0(latents), from the per-latent counts
         fidelity = torch.stack(list(parts.values())).mean()
         terms = {"mse": parts["mse"] if "mse" in parts else mse(x_hat, x), "fvu": fvu(x_hat, x), "l0": l0_value,
                  "fidelity": fidelity, "sparsity": sparsity, "aux": aux, **parts}
         terms = {name: t.detach() for name, t in terms.items()}
-        return TrainOutput(fidelity + sparsity + aux, x_hat, latents, terms)
+        return TrainOutput(fidelity + sparsity + aux, x_hat, latents, terms, fired)
 
     def _takes_sparse_step(self, x: Tensor) -> bool:
         "Whether `training_loss` uses the sparse step: TopK family, `cfg.sparse_step`, training mode, x without grad."
@@ -258,9 +271,12 @@ class SAE(nn.Module):
             pre = x_c @ self.W_enc
             pre += self.b_enc                       # the same numbers as `pre_acts(x)`, in one [n, d_sae] buffer
             pat = self.variant.select(self, pre, self.training)
-            dead = None
+            dead = dead_cols = None
             if dead_mask is not None and bool(dead_mask.any()):
-                dead = dead_topk_pattern(pre, dead_mask.to(pre.device), self.cfg.aux_k)[1]
+                dead_cols = dead_mask.to(pre.device).nonzero().squeeze(1)        # the m dead latents
+                k_aux = min(self.cfg.aux_k, dead_cols.numel())
+                if k_aux < sparse_mod.AUXK_BLOCK_DENSITY * dead_cols.numel():   # few kept per row: sparse pattern
+                    dead, dead_cols = dead_topk_pattern(pre, dead_mask.to(pre.device), self.cfg.aux_k)[1], None
         enc = lambda p: F.relu(gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, p))
         a = enc(pat)                                 # [nnz] active latents
         groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
@@ -272,9 +288,12 @@ class SAE(nn.Module):
         aux = x.new_zeros(())
         if dead is not None:
             aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, decode_active(enc(dead), self.W_dec, dead))
+        elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
+            e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
+            aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, e_hat)
         latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
-        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return x_hat, latents, parts, aux, (a != 0).sum().to(dtype) / n
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
+        return x_hat, latents, parts, aux, fired
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
@@ -495,6 +514,32 @@ def step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
     "Heaviside H(z - theta), straight-through gradient wrt theta."
     return StepFn.apply(z, theta, bandwidth)
 
+# %% ../nbs/01_sae.ipynb #5b475138
+class JumpReLUL0Fn(torch.autograd.Function):
+    "(z H(z - theta), mean over rows of sum_i H(z_i - theta_i)) in one node, with both pseudo-derivatives wrt theta > 0."
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float):
+        h = (z > theta).to(z.dtype)                          # H(z - theta)
+        n = z[..., 0].numel()                                # rows
+        l0 = h.sum() / n
+        latents = h.mul_(z)
+        ctx.save_for_backward(z, theta, latents)
+        ctx.bandwidth, ctx.n = bandwidth, n
+        return latents, l0
+
+    @staticmethod
+    def backward(ctx, g_lat, g_l0):
+        z, theta, latents = ctx.saved_tensors
+        eps, dims = ctx.bandwidth, tuple(range(z.ndim - 1))
+        k = (z - theta).abs_().lt_(eps / 2)                  # K((z - theta)/eps) as 0/1, one buffer
+        g_z, g_theta = None, torch.zeros_like(theta)
+        if g_l0 is not None:
+            g_theta = g_theta - (g_l0 / (eps * ctx.n)) * k.sum(dims)
+        if g_lat is not None:
+            g_z = torch.sign(latents).mul_(g_lat)            # H(z - theta) g: f > 0 exactly where z > theta > 0
+            g_theta = g_theta - (theta / eps) * k.mul_(g_lat).sum(dims)
+        return g_z, g_theta, None
+
 # %% ../nbs/01_sae.ipynb #f39ecee9
 def jumprelu_extras(cfg: SAEConfig, dtype) -> dict:
     "The trained log-thresholds, all at log(threshold_init)."
@@ -511,8 +556,14 @@ def jumprelu_l0(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return step(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
 
 
+def jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
+    "Training terms in one node: (latents, L0, no aux)."
+    latents, l0_value = JumpReLUL0Fn.apply(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth)
+    return latents, l0_value, None
+
+
 VARIANTS["jumprelu"] = Variant(jumprelu_activation, jumprelu_l0, "l0_coefficient", unit_norm_decoder=True,
-                               extras=jumprelu_extras)
+                               extras=jumprelu_extras, fused=jumprelu_fused)
 
 # %% ../nbs/01_sae.ipynb #22b0122e
 def gated_extras(cfg: SAEConfig, dtype) -> dict:
@@ -537,8 +588,43 @@ def gated_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Ten
     return mse(F.relu(pre_acts) @ sae.W_dec.detach() + sae.b_dec.detach(), x)
 
 
+class GatedFn(torch.autograd.Function):
+    "(latents H(pi) ReLU((pi - b_enc) e^r_mag + b_mag), ReLU(pi)) of the gate pre-activations pi, in one node."
+    @staticmethod
+    def forward(ctx, pre: Tensor, b_enc: Tensor, r_mag: Tensor, b_mag: Tensor):
+        scale = r_mag.exp()
+        gate = F.relu(pre)                                   # ReLU(pi): the L1 and the aux term read it
+        latents = (pre - b_enc).mul_(scale).add_(b_mag).relu_().mul_(torch.sign(gate))   # H(pi) = sign(ReLU(pi))
+        ctx.save_for_backward(gate, latents, scale, b_mag)
+        return latents, gate
+
+    @staticmethod
+    def backward(ctx, g_lat, g_gate):
+        gate, latents, scale, b_mag = ctx.saved_tensors
+        dims = tuple(range(gate.ndim - 1))
+        g_pre = g_benc = g_r = g_bmag = None
+        if g_lat is not None:
+            d_mag = torch.sign(latents).mul_(g_lat)          # zero where the gate or the magnitude is off
+            g_bmag = d_mag.sum(dims)
+            g_r = (latents - b_mag).mul_(d_mag).sum(dims)    # d_mag (pi - b_enc) e^r on the active entries
+            g_pre = d_mag.mul_(scale)
+            g_benc = -g_pre.sum(dims)                        # cancels b_enc's share of the encoder's gradient exactly
+        if g_gate is not None:
+            d_gate = torch.sign(gate).mul_(g_gate)           # ReLU'(pi) g
+            g_pre = d_gate if g_pre is None else g_pre.add_(d_gate)
+        return g_pre, g_benc, g_r, g_bmag
+
+
+def gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
+    "Training terms with one node for the activations: (latents, decoder-weighted L1 of ReLU(pi), aux)."
+    latents, gate = GatedFn.apply(pre_acts, sae.b_enc, sae.r_mag, sae.b_mag)
+    penalty = gate.sum(0) @ sae.W_dec.norm(dim=-1) / gate.shape[0]     # = l1(ReLU(pi), W_dec): gate >= 0
+    aux = mse(gate @ sae.W_dec.detach() + sae.b_dec.detach(), x)
+    return latents, penalty, aux
+
+
 VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
-                            aux=gated_aux, extras=gated_extras)
+                            aux=gated_aux, extras=gated_extras, fused=gated_fused)
 
 # %% ../nbs/01_sae.ipynb #6550b336
 def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:

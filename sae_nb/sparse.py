@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern', 'nest_pattern', 'dead_topk_pattern',
-           'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts', 'decode_active', 'scatter_active',
-           'auxk_loss_active', 'EncoderPreActs', 'encoder_pre_acts']
+__all__ = ['AUXK_BLOCK_DENSITY', 'ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern', 'nest_pattern',
+           'dead_topk_pattern', 'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts', 'decode_active',
+           'scatter_active', 'auxk_loss_active', 'GatherColumns', 'dead_block_decode', 'EncoderPreActs',
+           'encoder_pre_acts']
 
 # %% ../nbs/01a_sparse.ipynb #f81fec5a
 class ActivePattern(NamedTuple):
@@ -73,11 +74,18 @@ def batch_topk_pattern(pre_acts: Tensor,  # [n, d_sae] pre-activations
     n, d_sae = pre_acts.shape
     flat = pre_acts.reshape(-1)
     n_active = min(n_active, flat.numel())
-    # each row's n_active/n largest are n_active values of the batch, so the batch's n_active-th largest is
-    # at least their smallest: only the entries above that bound can be selected
-    per_row = -(-n_active // n)
-    bound = pre_acts.topk(per_row, dim=-1, sorted=False).values.min() if per_row < d_sae else None
-    cand = None if bound is None else (flat >= bound).nonzero().squeeze(1)
+    # any bound with at least n_active entries above it keeps the batch's top n_active among those entries: guess
+    # one from a strided sample (about twice the share we need above it), check the count, and else fall back to
+    # the smallest of each row's n_active/n largest (a bound that always holds)
+    cand, q = None, n_active / flat.numel()
+    sample = flat[:: max(1, flat.numel() // 65536)]
+    m = int(2 * q * sample.numel()) + 16
+    if m < sample.numel():
+        cand = (flat >= sample.topk(m, sorted=False).values.min()).nonzero().squeeze(1)
+    if cand is None or not n_active <= cand.numel() <= 8 * n_active:
+        per_row = -(-n_active // n)
+        bound = pre_acts.topk(per_row, dim=-1, sorted=False).values.min() if per_row < d_sae else None
+        cand = None if bound is None else (flat >= bound).nonzero().squeeze(1)
     if cand is None or cand.numel() > 8 * n_active:
         vals, pos = flat.topk(n_active, sorted=False)
     else:
@@ -205,6 +213,42 @@ def auxk_loss_active(x: Tensor,      # [n, d_in] inputs
     e = x - x_hat.detach()
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
 
+# %% ../nbs/01a_sparse.ipynb #72f16ff3
+AUXK_BLOCK_DENSITY = 1 / 8   # AuxK uses the dense dead block when min(k_aux, m) / m is at least this (m dead latents)
+
+
+class GatherColumns(torch.autograd.Function):
+    "The [n, m] block of the pre-activations at the latents `cols`, with a backward over that block only."
+    @staticmethod
+    def forward(ctx, pre_acts, x_c, W_enc, b_enc, b_dec, cols):
+        ctx.save_for_backward(x_c, W_enc, cols)
+        return pre_acts.index_select(1, cols)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, W_enc, cols = ctx.saved_tensors
+        need, g = ctx.needs_input_grad, g.to(x_c.dtype)
+        g_W = torch.zeros_like(W_enc).index_copy_(1, cols, x_c.t() @ g) if need[2] else None   # x_c^T G in columns D
+        s = g.sum(0) if need[3] or need[4] else None                                            # 1^T G  [m]
+        g_b = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, cols, s) if need[3] else None
+        g_bdec = -(W_enc.index_select(1, cols) @ s) if need[4] else None
+        return None, None, g_W, g_b, g_bdec, None
+
+
+def dead_block_decode(pre_acts, x_c, W_enc, b_enc, b_dec, W_dec,
+                      cols: Tensor,   # [m] the dead latents
+                      k_aux: int,     # latents kept per row (at most m)
+                     ) -> Tensor:
+    "[n, d_in] AuxK reconstruction from the k_aux largest pre-activations of the latents `cols` in each row, by dense products over their block."
+    z = GatherColumns.apply(pre_acts, x_c, W_enc, b_enc, b_dec, cols)   # [n, m]
+    a = F.relu(z)
+    if k_aux < cols.numel():
+        with torch.no_grad():
+            keep = torch.zeros_like(z).scatter_(1, z.topk(k_aux, dim=1, sorted=False).indices, 1.0)
+        a = a * keep
+    return a @ W_dec.index_select(0, cols)
+
+
 # %% ../nbs/01a_sparse.ipynb #a61261dd
 class EncoderPreActs(torch.autograd.Function):
     "(x - b_dec) W_enc + b_enc on rows x [n, d_in], with b_dec's gradient from a matrix-vector product."
@@ -212,7 +256,7 @@ class EncoderPreActs(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec):
         x_c = x - b_dec
         ctx.save_for_backward(x_c, W_enc)
-        return x_c @ W_enc + b_enc
+        return torch.addmm(b_enc, x_c, W_enc)         # the bias added inside the product: no second [n, d_sae] pass
 
     @staticmethod
     def backward(ctx, g):

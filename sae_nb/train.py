@@ -5,6 +5,8 @@
 # %% ../nbs/04_train.ipynb #1b2e478f
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import math
@@ -30,7 +32,8 @@ from .sae import SAE, VARIANTS, make_sae
 # %% auto #0
 __all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'DENSE_FRACTION', 'RESUME_FREE_FIELDS', 'TrainConfig',
            'validate_config', 'resolve_config', 'ramp', 'lr_factor', 'BatchStream', 'save_checkpoint',
-           'load_checkpoint', 'TrainResult', 'TrainingLoss', 'train']
+           'load_checkpoint', 'TrainResult', 'TrainingLoss', 'retain_freed_memory', 'make_optimizer',
+           'match_state_layout', 'StepResult', 'train_step', 'count_firing', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
@@ -75,6 +78,7 @@ class TrainConfig:
     log_every: int = 10                    # steps between history entries (and progress-bar updates)
     history_path: str | None = None        # also write the history here as JSON lines
     progress: bool = True                  # show a tqdm progress bar
+    retain_cpu_memory: bool = True         # CPU: keep freed memory in the process (`retain_freed_memory`), for speed
 
 # %% ../nbs/04_train.ipynb #02e2defd
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
@@ -124,7 +128,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("checkpoint_dir", "history_path"):
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, (str, os.PathLike)): bad(name, "a path or None")
-    if not isinstance(cfg.progress, bool): bad("progress", "a bool")
+    for name in ("progress", "retain_cpu_memory"):
+        if not isinstance(getattr(cfg, name), bool): bad(name, "a bool")
     return cfg
 
 
@@ -298,11 +303,88 @@ class TrainingLoss(nn.Module):
         if self.penalty is not None:
             cross = self.coefficient * sparsity_scale * self.penalty(out.latents)
             loss, terms["cross_sample"] = loss + cross, cross.detach()
-        return loss, out.latents, terms
+        return loss, terms, out.fired
+
+
+def retain_freed_memory() -> bool:
+    "Process-wide: tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming). False where libc has no `mallopt`."
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    "Adam on the SAE's parameters; PyTorch's fused kernel (one pass per tensor, no temporaries) where it has one."
+    params = list(sae.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+
+
+@torch.no_grad()
+def match_state_layout(opt: torch.optim.Optimizer):
+    "Give each parameter-shaped optimizer state (Adam's moments) its parameter's memory layout, in place."
+    # PyTorch's fused CPU Adam (2.13) walks param, grad and moments in memory order. Autograd already stores each
+    # grad in its parameter's layout (W_enc is kept transposed), but moments loaded from a checkpoint are contiguous.
+    for p, state in opt.state.items():
+        for name, v in state.items():
+            if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                state[name] = torch.empty_like(p).copy_(v)
+
+
+class StepResult(NamedTuple):
+    "What `train_step` returns."
+    loss: Tensor       # 0-d, the loss that was backpropagated
+    terms: dict        # its detached parts (training_loss's terms, + cross_sample)
+    fired: Tensor      # [d_sae] int64: rows of this batch (shard) on which each latent fired
+    grad_norm: Tensor  # 0-d, the gradient norm before clipping
+
+
+def train_step(model,           # a `TrainingLoss` (or DDP around one)
+               opt, sched,      # the optimiser and its lr scheduler
+               x: Tensor,       # [batch, d_in] float32 rows on the SAE's device
+               dead_mask: Tensor,        # bool [d_sae]: the latents counted dead (AuxK)
+               sparsity_scale: float = 1.0,  # the sparsity warm-up factor
+               grad_clip: float | None = None,  # max gradient norm (None: no clipping)
+               autocast=nullcontext(),   # the autocast context of the forward
+               step: int = 0,            # the step's number, for error messages
+              ) -> StepResult:
+    "One optimiser step of `train`: loss, backward, decoder-gradient projection, clipping, finiteness check, Adam, lr schedule, decoder renormalisation."
+    sae = model.module.sae if isinstance(model, DDP) else model.sae
+    with autocast:
+        loss, terms, fired = model(x, dead_mask, sparsity_scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()   # no-op unless the variant keeps unit-norm rows
+    params = [p for p in sae.parameters() if p.grad is not None]
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if grad_clip: nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)   # no pass over the grads without a clip
+    if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all():
+        raise FloatingPointError(f"train: non-finite loss or gradient at step {step + 1} (loss {loss.item()}, "
+                                 f"grad norm {grad_norm.item()}); stopped, the last checkpoint (if any) is kept")
+    opt.step()
+    sched.step()
+    sae.set_decoder_norm_to_unit_norm()                    # no-op unless the variant keeps unit-norm rows
+    return StepResult(loss, terms, fired, grad_norm)
+
+
+@torch.no_grad()
+def count_firing(tokens_since_fired: Tensor,  # [d_sae] int64, updated in place
+                 window_fired: Tensor,        # [d_sae] int64, updated in place
+                 fired: Tensor,               # [d_sae] firings of each latent in this batch
+                 n_tokens: int,               # rows of this batch
+                ):
+    "Advance the dead-latent clock by `n_tokens`, reset it where a latent fired, and add the firings to the window."
+    tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
+    window_fired.add_(fired)
 
 
 DENSE_FRACTION = 0.1   # a latent firing on more than this fraction of tokens is dense (also logged: > 0.5)
-RESUME_FREE_FIELDS = ("checkpoint_dir", "checkpoint_every", "log_every", "history_path", "progress", "device", "autocast")
+RESUME_FREE_FIELDS = ("checkpoint_dir", "checkpoint_every", "log_every", "history_path", "progress", "device", "autocast",
+                      "retain_cpu_memory")
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -343,6 +425,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     if device_type == "cuda": torch.cuda.set_device(device)
     bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device_type == "cuda")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    if device_type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()
 
     # -- the SAE, the optimiser, the schedule, the counters
     sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
@@ -351,7 +434,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     if getattr(source, "act_scale", None) is not None: sae.cfg.act_scale = float(source.act_scale)
     sae.train()
     total_steps = cfg.total_tokens // cfg.batch_size
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    opt = make_optimizer(sae, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total_steps,
                                                            warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay))
     tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # per latent
@@ -375,6 +458,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         sae.load_state_dict(saved["sae"])
         sae.cfg.act_scale = float(saved["sae_config"]["act_scale"])
         opt.load_state_dict(saved["optimizer"]); sched.load_state_dict(saved["scheduler"])
+        match_state_layout(opt)                               # the checkpoint stores contiguous moments
         step, done, history = saved["step"], saved["done"], saved["history"]
         tokens_since_fired.copy_(saved["tokens_since_fired"]); window_fired.copy_(saved["window_fired"])
         window_tokens = saved["window_tokens"]
@@ -403,26 +487,13 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         sparsity_scale = ramp(step, cfg.sparsity_warmup_steps)
         dead_mask = tokens_since_fired >= cfg.dead_tokens_threshold
 
-        with autocast:
-            loss, latents, terms = model(x, dead_mask, sparsity_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()   # no-op unless the variant keeps unit-norm rows
-        grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip or math.inf)
-        if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all():
-            raise FloatingPointError(f"train: non-finite loss or gradient at step {step + 1} (loss {loss.item()}, "
-                                     f"grad norm {grad_norm.item()}); stopped, the last checkpoint (if any) is kept")
-        opt.step()
-        sched.step()
-        sae.set_decoder_norm_to_unit_norm()                    # no-op unless the variant keeps unit-norm rows
+        loss, terms, fired, grad_norm = train_step(model, opt, sched, x, dead_mask, sparsity_scale, cfg.grad_clip,
+                                                   autocast, step)
         step += 1
 
         # -- dead and dense latents, counted over the global batch
-        fired = (latents != 0).sum(0)                          # [d_sae] firings of each latent in this shard
-        if ddp: dist.all_reduce(fired)
-        tokens_since_fired += cfg.batch_size
-        tokens_since_fired[fired > 0] = 0
-        window_fired += fired
+        if ddp: dist.all_reduce(fired)                         # fired: [d_sae] firings of each latent in this shard
+        count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
 
         if step % cfg.log_every == 0 or step == total_steps:

@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sae_nb.sae as sae_mod
+import sae_nb.sparse as sparse_mod
 from sae_nb.losses import auxk_loss
 from sae_nb.sae import VARIANTS, make_sae
 from sae_nb.sparse import (auxk_loss_active, batch_topk_pattern, decode_active, dead_topk_pattern, gather_pre_acts,
@@ -71,12 +73,20 @@ def test_sparse_step_matches_dense(name, d_in, d_sae, k, shape):
 
 @pytest.mark.parametrize("name", TOPK_FAMILY)
 @pytest.mark.parametrize("n_dead", [1, 10, 64])
-def test_sparse_step_matches_dense_with_dead_latents(name, n_dead):
+@pytest.mark.parametrize("aux_path", ["block", "pattern"])
+def test_sparse_step_matches_dense_with_dead_latents(name, n_dead, aux_path, monkeypatch):
+    # AuxK takes the dense block of the dead columns or their sparse pattern, by AUXK_BLOCK_DENSITY: force each
+    monkeypatch.setattr(sparse_mod, "AUXK_BLOCK_DENSITY", 0.0 if aux_path == "block" else 2.0)
+    calls = {"block": 0, "pattern": 0}
+    for path, fn in (("block", "dead_block_decode"), ("pattern", "dead_topk_pattern")):
+        real = getattr(sae_mod, fn)
+        monkeypatch.setattr(sae_mod, fn, lambda *a, _real=real, _path=path, **kw: calls.__setitem__(_path, calls[_path] + 1) or _real(*a, **kw))
     sparse, dense = pair(name, 16, 64, 4, aux_k=8)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
     out = assert_same_step(sparse, dense, rows((50,), 16), dead)
     assert out.terms["aux"] > 0
+    assert calls[aux_path] == 1 and sum(calls.values()) == 1, calls
 
 
 @pytest.mark.parametrize("name", TOPK_FAMILY)

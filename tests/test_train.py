@@ -293,3 +293,56 @@ def test_ddp_two_processes_match_one(tmp_path):
         both = SAE.load(tmp_path / variant).state_dict()
         for name in single:
             torch.testing.assert_close(both[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
+
+
+@pytest.mark.parametrize("variant", ["relu", "topk"])
+def test_fused_adam_step_matches_foreach_whatever_the_layouts(variant):
+    # PyTorch's fused CPU Adam walks param, grad and moments in memory order, and W_enc is stored transposed:
+    # a resumed optimizer (contiguous moments from the checkpoint) must get its moments back in W_enc's layout.
+    from sae_nb.sae import make_sae
+    from sae_nb.train import TrainingLoss, make_optimizer, match_state_layout, train_step
+    cfg = TrainConfig(**{**SMALL, "variant": variant, "lr": 1e-2})
+    batches, dead = toy_batches(6), torch.zeros(32, dtype=torch.bool)
+    runs = {}
+    for kind in ("fused", "foreach", "fused-resumed"):
+        sae = make_sae(variant, d_in=16, d_sae=32, k=2, seed=0)
+        opt = (torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas)) if kind == "foreach"
+               else make_optimizer(sae, cfg))
+        assert bool(opt.param_groups[0]["fused"]) == (kind != "foreach")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        model = TrainingLoss(sae, None, 0.0)
+        for i, xb in enumerate(batches):
+            if kind == "fused-resumed" and i == 3:   # a checkpoint's moments come back contiguous
+                state = opt.state_dict()
+                for s in state["state"].values():
+                    for k, v in s.items(): s[k] = v.contiguous()
+                opt = make_optimizer(sae, cfg); opt.load_state_dict(state); match_state_layout(opt)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            train_step(model, opt, sched, xb, dead)
+        runs[kind] = sae.state_dict()
+    for kind in ("fused", "fused-resumed"):
+        for name, v in runs["foreach"].items():
+            torch.testing.assert_close(runs[kind][name], v, rtol=1e-5, atol=1e-6, msg=f"{kind} {name}")
+
+
+def test_retain_freed_memory_keeps_large_blocks_in_the_process():
+    probe = textwrap.dedent("""
+        import sys, torch
+        from sae_nb.train import retain_freed_memory
+        rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+        if sys.argv[1] == "retain": assert retain_freed_memory()
+        before = rss()
+        t = torch.ones(64, 2**20)     # 256 MB, touched
+        del t
+        print(rss() - before)         # MB still resident after the free
+    """)
+    kept = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                                     env=subprocess_env()).stdout)
+            for mode in ("default", "retain")}
+    assert kept["default"] < 64 and kept["retain"] > 200, kept
+
+
+def test_retain_cpu_memory_is_checked_and_does_not_block_resume():
+    with pytest.raises(ValueError, match="retain_cpu_memory"):
+        train(TrainConfig(**SMALL, retain_cpu_memory="yes"), toy())
+    assert "retain_cpu_memory" in train_module.RESUME_FREE_FIELDS
