@@ -21,15 +21,18 @@ from torch import Tensor, nn
 from .losses import auxk_loss, fvu, l0, l1, mse
 import sae_nb.sparse as sparse_mod
 from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_block_decode, dead_topk_pattern,
-                           decode_active, encoder_pre_acts, gather_pre_acts, nest_pattern, scatter_active, topk_pattern)
+                           decode_active, encoder_pre_acts, gather_pre_acts, nest_pattern, pattern_above,
+                           reuse_pre_acts, scatter_active, topk_pattern)
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae', 'remove_parallel_component',
-           'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'topk_activation', 'topk_aux', 'topk_select',
-           'batchtopk_extras', 'update_threshold', 'batchtopk_activation', 'batchtopk_select', 'rectangle',
-           'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'JumpReLUL0Fn', 'jumprelu_extras', 'jumprelu_activation',
-           'jumprelu_l0', 'jumprelu_fused', 'gated_extras', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
-           'gated_fused', 'matryoshka_mse', 'matryoshka_select', 'save_sae', 'load_sae']
+           'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'relu_select', 'relu_sparse_values',
+           'topk_activation', 'topk_aux', 'topk_select', 'batchtopk_extras', 'update_threshold', 'batchtopk_activation',
+           'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'JumpReLUL0Fn',
+           'jumprelu_extras', 'jumprelu_activation', 'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select',
+           'jumprelu_sparse_values', 'gated_extras', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
+           'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse', 'matryoshka_select', 'save_sae',
+           'load_sae']
 
 # %% ../nbs/01_sae.ipynb #0aa5e862
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -72,7 +75,7 @@ class SAEConfig:
     hook_name: str | None = None            # provenance: the hook the SAE reads
     model_name: str | None = None           # provenance: the model it was trained on
     dtype: str = "float32"                  # parameter dtype, a torch dtype name
-    sparse_step: bool = True                # TopK family: train with the sparse step (`sae_nb.sparse`); False: dense formulas
+    sparse_step: bool = True                # the sparse step (`sae_nb.sparse`): TopK family always, others once sparse
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -125,6 +128,8 @@ class Variant(NamedTuple):
     aux: Callable | None = None   # (sae, x, x_hat, pre_acts, latents, dead_mask) -> 0-d, already weighted
     extras: Callable | None = None    # (cfg, dtype) -> {name: Parameter (trained) or Tensor (buffer)}
     select: Callable | None = None    # TopK family: (sae, pre_acts, update) -> ActivePattern of the sparse step
+    sparse_values: Callable | None = None  # (sae, x, pre-acts at the pattern [nnz], pattern) -> (latent values,
+                                           # sparsity or None, aux or None) on the sparse step; None: ReLU, no terms
     fused: Callable | None = None     # (sae, x, pre_acts) -> (latents, sparsity before its coefficient, aux or None):
                                       # the same training terms and gradients in fewer passes over [n, d_sae]
 
@@ -198,9 +203,9 @@ class SAE(nn.Module):
         "Encoder pre-activations `(x - b_dec) @ W_enc + b_enc` of rows `x` [..., d_in]."
         return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)  # b_dec's gradient without a [n, d_in] product
 
-    def _encode(self, x: Tensor, update: bool = False) -> tuple[Tensor, Tensor]:
-        "(latents, pre_acts) of the rows `x` [n, d_in]; `update` lets the variant update running statistics."
-        pre = self.pre_acts(x)
+    def _encode(self, x: Tensor, update: bool = False, pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        "(latents, pre_acts) of the rows `x` [n, d_in] (or of their given `pre`); `update`: update running statistics."
+        pre = self.pre_acts(x) if pre is None else pre
         return self.variant.activation(self, pre, update), pre
 
     def encode(self, x: Tensor) -> Tensor:
@@ -231,17 +236,19 @@ class SAE(nn.Module):
                 raise ValueError(f"dead_mask: expected a bool tensor of shape ({self.cfg.d_sae},), got {got}")
         sparsity_scale = _check_number("sparsity_scale", sparsity_scale, 0.0, 1.0)
         v, zero = self.variant, x.new_zeros(())
-        if self._takes_sparse_step(x):
-            x_hat, latents, parts, aux, fired = self._sparse_terms(x, dead_mask)
+        # the sparse step, or None with the pre-activations it computed when the variant finds them too dense
+        sparse, pre = self._sparse_terms(x, dead_mask) if self._takes_sparse_step(x) else (None, None)
+        if sparse is not None:
+            x_hat, latents, parts, aux, fired, penalty = sparse
             l0_value = fired.sum().to(x.dtype) / x.shape[0]
-            sparsity = zero
+            sparsity = zero if penalty is None else getattr(self.cfg, v.coefficient) * sparsity_scale * penalty
         else:
             fused = v.fused is not None and torch.is_grad_enabled()
             if fused:                                # activation, penalty (and aux) as one autograd node
-                pre = self.pre_acts(x)
+                pre = self.pre_acts(x) if pre is None else pre
                 latents, penalty, fused_aux = v.fused(self, x, pre)
             else:
-                latents, pre = self._encode(x, update=self.training)
+                latents, pre = self._encode(x, update=self.training, pre=pre)
             x_hat = latents @ self.W_dec + self.b_dec
             parts = v.fidelity(self, x, latents, x_hat) if v.fidelity else {"mse": mse(x_hat, x)}
             sparsity = zero
@@ -259,12 +266,12 @@ class SAE(nn.Module):
         return TrainOutput(fidelity + sparsity + aux, x_hat, latents, terms, fired)
 
     def _takes_sparse_step(self, x: Tensor) -> bool:
-        "Whether `training_loss` uses the sparse step: TopK family, `cfg.sparse_step`, training mode, x without grad."
+        "Whether `training_loss` tries the sparse step: a variant with `select`, `cfg.sparse_step`, training mode, x without grad."
         return (self.cfg.sparse_step and self.variant.select is not None and self.training
                 and not x.requires_grad and x.dtype in (torch.float32, torch.float64))
 
     def _sparse_terms(self, x: Tensor, dead_mask: Tensor | None):
-        "(x_hat, latents, fidelity parts, aux, l0) of a TopK-family SAE from its active pairs only (`sae_nb.sparse`)."
+        "((x_hat, latents, fidelity parts, aux, fired, penalty), None) from the active pairs only (`sae_nb.sparse`), or (None, pre_acts) if the variant declines."
         n, d_in = x.shape
         with torch.no_grad():                       # the one dense product; its gradient flows through the pairs
             x_c = x - self.b_dec
@@ -272,20 +279,25 @@ class SAE(nn.Module):
             pre += self.b_enc                       # the same numbers as `pre_acts(x)`, in one [n, d_sae] buffer
             pat = self.variant.select(self, pre, self.training)
             dead = dead_cols = None
-            if dead_mask is not None and bool(dead_mask.any()):
+            if self.variant.uses_k and dead_mask is not None and bool(dead_mask.any()):   # AuxK: TopK family
                 dead_cols = dead_mask.to(pre.device).nonzero().squeeze(1)        # the m dead latents
                 k_aux = min(self.cfg.aux_k, dead_cols.numel())
                 if k_aux < sparse_mod.AUXK_BLOCK_DENSITY * dead_cols.numel():   # few kept per row: sparse pattern
                     dead, dead_cols = dead_topk_pattern(pre, dead_mask.to(pre.device), self.cfg.aux_k)[1], None
+        if pat is None:                              # too dense: the dense formulas, on these pre-activations
+            return None, reuse_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec)
         enc = lambda p: F.relu(gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, p))
-        a = enc(pat)                                 # [nnz] active latents
+        a, penalty, aux = enc(pat), None, None        # [nnz] active latents
+        if self.variant.sparse_values is not None:
+            z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
+            a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
         groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
         names = [f"mse_prefix_{m}" for m in pat.prefixes] if pat.prefixes else ["mse"]
         x_hat, parts = self.b_dec, {}
         for name, part in zip(names, groups):
             x_hat = x_hat + part                     # the reconstruction from this prefix of the dictionary
             parts[name] = mse(x_hat, x)
-        aux = x.new_zeros(())
+        aux = x.new_zeros(()) if aux is None else aux
         if dead is not None:
             aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, decode_active(enc(dead), self.W_dec, dead))
         elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
@@ -293,7 +305,7 @@ class SAE(nn.Module):
             aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, e_hat)
         latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
-        return x_hat, latents, parts, aux, fired
+        return (x_hat, latents, parts, aux, fired, penalty), None
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
@@ -391,7 +403,19 @@ def decoder_weighted_l1(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return latents.sum(0) @ sae.W_dec.norm(dim=-1) / latents.shape[0]  # no [n, d_sae] temporary; latents >= 0
 
 
-VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False)
+def relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+    "The sparse step's active pairs: the positive pre-activations, once few enough (else None: the dense step)."
+    return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
+
+
+def relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+    "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from them: sum of a ||W_dec[latent]|| over rows."
+    a = F.relu(z)
+    return a, (a * sae.W_dec.norm(dim=-1)[pat.col]).sum() / pat.n_rows, None
+
+
+VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False,
+                           select=relu_select, sparse_values=relu_sparse_values)
 
 # %% ../nbs/01_sae.ipynb #4222d5a2
 def topk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
@@ -518,9 +542,9 @@ def step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
 class JumpReLUL0Fn(torch.autograd.Function):
     "(z H(z - theta), mean over rows of sum_i H(z_i - theta_i)) in one node, with both pseudo-derivatives wrt theta > 0."
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float):
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float, n_rows: int | None = None):
         h = (z > theta).to(z.dtype)                          # H(z - theta)
-        n = z[..., 0].numel()                                # rows
+        n = z[..., 0].numel() if n_rows is None else n_rows  # rows (given when z holds selected entries only)
         l0 = h.sum() / n
         latents = h.mul_(z)
         ctx.save_for_backward(z, theta, latents)
@@ -530,15 +554,16 @@ class JumpReLUL0Fn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lat, g_l0):
         z, theta, latents = ctx.saved_tensors
-        eps, dims = ctx.bandwidth, tuple(range(z.ndim - 1))
+        eps, dims = ctx.bandwidth, tuple(range(z.ndim - theta.ndim))   # theta per entry: no reduction
+        red = (lambda t: t.sum(dims)) if dims else (lambda t: t)
         k = (z - theta).abs_().lt_(eps / 2)                  # K((z - theta)/eps) as 0/1, one buffer
         g_z, g_theta = None, torch.zeros_like(theta)
         if g_l0 is not None:
-            g_theta = g_theta - (g_l0 / (eps * ctx.n)) * k.sum(dims)
+            g_theta = g_theta - (g_l0 / (eps * ctx.n)) * red(k)
         if g_lat is not None:
             g_z = torch.sign(latents).mul_(g_lat)            # H(z - theta) g: f > 0 exactly where z > theta > 0
-            g_theta = g_theta - (theta / eps) * k.mul_(g_lat).sum(dims)
-        return g_z, g_theta, None
+            g_theta = g_theta - (theta / eps) * red(k.mul_(g_lat))
+        return g_z, g_theta, None, None
 
 # %% ../nbs/01_sae.ipynb #f39ecee9
 def jumprelu_extras(cfg: SAEConfig, dtype) -> dict:
@@ -562,8 +587,20 @@ def jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     return latents, l0_value, None
 
 
+def jumprelu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+    "The sparse step's pairs: z > theta - eps/2 (the latents that fire, and the kernel window below them), or None."
+    theta = sae.log_threshold.detach().exp()
+    return pattern_above(pre_acts, theta - sae.cfg.bandwidth / 2, sparse_mod.SPARSE_MAX_DENSITY)
+
+
+def jumprelu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+    "JumpReLU and L0 of the pre-activations at the pattern (zero below the threshold), with both estimators."
+    return *JumpReLUL0Fn.apply(z, sae.log_threshold.exp()[pat.col], sae.cfg.bandwidth, pat.n_rows), None
+
+
 VARIANTS["jumprelu"] = Variant(jumprelu_activation, jumprelu_l0, "l0_coefficient", unit_norm_decoder=True,
-                               extras=jumprelu_extras, fused=jumprelu_fused)
+                               extras=jumprelu_extras, fused=jumprelu_fused, select=jumprelu_select,
+                               sparse_values=jumprelu_sparse_values)
 
 # %% ../nbs/01_sae.ipynb #22b0122e
 def gated_extras(cfg: SAEConfig, dtype) -> dict:
@@ -623,8 +660,24 @@ def gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     return latents, penalty, aux
 
 
+def gated_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+    "The sparse step's pairs: the open gates (pi > 0), once few enough (else None: the dense step)."
+    return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
+
+
+def gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+    "Latents, decoder-weighted L1 of ReLU(pi) and the frozen-decoder aux term, from the open gates only."
+    gate = F.relu(z)                                            # pi > 0 on the pattern: ReLU for its gradient at 0
+    c = pat.col
+    latents = F.relu((z - sae.b_enc[c]) * sae.r_mag.exp()[c] + sae.b_mag[c])
+    penalty = (gate * sae.W_dec.norm(dim=-1)[c]).sum() / pat.n_rows
+    aux = mse(decode_active(gate, sae.W_dec.detach(), pat) + sae.b_dec.detach(), x)
+    return latents, penalty, aux
+
+
 VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
-                            aux=gated_aux, extras=gated_extras, fused=gated_fused)
+                            aux=gated_aux, extras=gated_extras, fused=gated_fused, select=gated_select,
+                            sparse_values=gated_sparse_values)
 
 # %% ../nbs/01_sae.ipynb #6550b336
 def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['AUXK_BLOCK_DENSITY', 'ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern', 'nest_pattern',
-           'dead_topk_pattern', 'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts', 'decode_active',
-           'scatter_active', 'auxk_loss_active', 'GatherColumns', 'dead_block_decode', 'EncoderPreActs',
-           'encoder_pre_acts']
+__all__ = ['AUXK_BLOCK_DENSITY', 'SPARSE_MAX_DENSITY', 'ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern',
+           'nest_pattern', 'dead_topk_pattern', 'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts',
+           'decode_active', 'scatter_active', 'auxk_loss_active', 'GatherColumns', 'dead_block_decode',
+           'EncoderPreActs', 'encoder_pre_acts', 'pattern_above', 'ReusePreActs', 'reuse_pre_acts']
 
 # %% ../nbs/01a_sparse.ipynb #f81fec5a
 class ActivePattern(NamedTuple):
@@ -272,3 +272,41 @@ def encoder_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> 
     "Pre-activations (x - b_dec) W_enc + b_enc of x [..., d_in] -> [..., d_sae] (five-product backward)."
     out = EncoderPreActs.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, b_dec)
     return out.reshape(*x.shape[:-1], W_enc.shape[-1])
+
+# %% ../nbs/01a_sparse.ipynb #27854292
+SPARSE_MAX_DENSITY = 1 / 16   # ReLU, JumpReLU: the sparse step when at most this share of the pairs is selected
+
+
+@torch.no_grad()
+def pattern_above(pre_acts: Tensor,         # [n, d_sae] pre-activations
+                  threshold,                # a number, or [d_sae] per-latent thresholds
+                  max_density: float,       # largest share of selected entries for which a pattern is returned
+                 ) -> ActivePattern | None:
+    "The pattern of the pre-activations above `threshold` (row-major), or None when more than `max_density` of them are."
+    n, d_sae = pre_acts.shape
+    pos = pre_acts > threshold
+    if torch.count_nonzero(pos) > max_density * pos.numel():
+        return None
+    flat = pos.view(-1).nonzero().squeeze(1)            # ascending: by row, then by latent within a row
+    return make_pattern(flat // d_sae, flat % d_sae, n, d_sae)
+
+
+class ReusePreActs(torch.autograd.Function):
+    "Pre-activations computed without a gradient, given the gradient of `encoder_pre_acts` wrt W_enc, b_enc, b_dec."
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, b_dec, box):
+        ctx.save_for_backward(x_c, W_enc)
+        return box[0]                 # the tensor itself (passed boxed, not as an input): no copy
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, W_enc = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_W = x_c.t() @ g if need[1] else None
+        g_b = g.sum(0) if need[2] or need[3] else None
+        return None, g_W, g_b if need[2] else None, -(W_enc @ g_b) if need[3] else None, None
+
+
+def reuse_pre_acts(pre_acts, x_c, W_enc, b_enc, b_dec):
+    "`pre_acts` = (x - b_dec) W_enc + b_enc, already computed without a gradient, now with one (x_c = x - b_dec)."
+    return ReusePreActs.apply(x_c, W_enc, b_enc, b_dec, (pre_acts,))

@@ -244,3 +244,49 @@ def test_auxk_loss_active_matches_auxk_loss():
     assert dead[pat.col].all()
     ours = auxk_loss_active(x, x_hat, decode_active(F.relu(vals), W_dec, pat))
     torch.testing.assert_close(ours, auxk_loss(x, x_hat, pre, W_dec, dead, 4))
+
+
+@pytest.mark.parametrize("name", ["relu", "gated"])
+@pytest.mark.parametrize("density", ["sparse", "dense"])
+@pytest.mark.parametrize("d_in,d_sae,shape", [(16, 64, (50,)), (24, 96, (5, 13))])
+def test_relu_and_gated_sparse_step_matches_dense(name, density, d_in, d_sae, shape, monkeypatch):
+    # a trained ReLU (or Gated) SAE is sparse: with the encoder (gate) bias pushed down, few pre-activations are
+    # positive and the step takes the sparse kernels; at initialisation about half are: the dense formulas
+    sparse, dense = pair(name, d_in, d_sae, 1, l1_coefficient=0.3)
+    x = rows(shape, d_in)
+    if density == "sparse":
+        with torch.no_grad():
+            pre = sparse.pre_acts(x.reshape(-1, d_in))
+            shift = torch.quantile(pre - sparse.b_enc, 1 - 3 / d_sae, dim=0)     # about 3 latents per row
+            for s in (sparse, dense): s.b_enc.copy_(-shift)
+    taken = []
+    real = sae_mod.pattern_above
+    monkeypatch.setattr(sae_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
+    out = assert_same_step(sparse, dense, x)
+    assert (taken[0] is not None) == (density == "sparse"), taken
+    assert out.terms["sparsity"] > 0 and out.terms["l0"] > 0
+    if density == "sparse": assert out.terms["l0"] < sparse_mod.SPARSE_MAX_DENSITY * d_sae
+
+
+@pytest.mark.parametrize("density", ["sparse", "dense"])
+def test_jumprelu_sparse_step_matches_dense(density, monkeypatch):
+    # the pattern holds the latents above threshold and the kernel window just below it, whose pairs carry the
+    # thresholds' straight-through gradient though their latents are zero
+    d_in, d_sae = 16, 64
+    sparse, dense = pair("jumprelu", d_in, d_sae, 1, l0_coefficient=0.5, bandwidth=0.05, threshold_init=0.01)
+    x = rows((80,), d_in)
+    if density == "sparse":
+        with torch.no_grad():
+            pre = sparse.pre_acts(x)
+            theta = torch.quantile(pre, 1 - 2 / d_sae, dim=0).clamp_min(0.05)      # about 2 latents per row
+            for s in (sparse, dense): s.log_threshold.copy_(theta.log())
+    taken = []
+    real = sae_mod.pattern_above
+    monkeypatch.setattr(sae_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
+    out = assert_same_step(sparse, dense, x)
+    assert (taken[0] is not None) == (density == "sparse"), taken
+    if density == "sparse":
+        pat, theta = taken[0], sparse.log_threshold.exp().detach()
+        z = sparse.pre_acts(x).detach()[pat.row, pat.col]
+        assert (z <= theta[pat.col]).sum() > 0 and (z > theta[pat.col]).sum() > 0   # window pairs below threshold too
+        assert (sparse.log_threshold.grad != 0).sum() > 0

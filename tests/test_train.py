@@ -275,6 +275,7 @@ DDP_SCRIPT = textwrap.dedent("""
         result = train(cfg, ToyFeatures(d_in=16, n_features=32, mean_active=2, seed=0))
         if int(os.environ["RANK"]) == 0:
             result.sae.save(os.path.join(sys.argv[1], variant))
+    torch.distributed.barrier()   # tear down together: a rank leaving early can abort in gloo's threads
     torch.distributed.destroy_process_group()
 """)
 
