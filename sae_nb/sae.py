@@ -127,7 +127,7 @@ class Variant(NamedTuple):
     fidelity: Callable | None = None  # (sae, x, latents, x_hat) -> {name: 0-d}; loss uses their mean (None: mse)
     aux: Callable | None = None   # (sae, x, x_hat, pre_acts, latents, dead_mask) -> 0-d, already weighted
     extras: Callable | None = None    # (cfg, dtype) -> {name: Parameter (trained) or Tensor (buffer)}
-    select: Callable | None = None    # TopK family: (sae, pre_acts, update) -> ActivePattern of the sparse step
+    select: Callable | None = None    # (sae, pre_acts, update) -> ActivePattern of the sparse step, or None: too dense
     sparse_values: Callable | None = None  # (sae, x, pre-acts at the pattern [nnz], pattern) -> (latent values,
                                            # sparsity or None, aux or None) on the sparse step; None: ReLU, no terms
     fused: Callable | None = None     # (sae, x, pre_acts) -> (latents, sparsity before its coefficient, aux or None):
@@ -287,8 +287,9 @@ class SAE(nn.Module):
         if pat is None:                              # too dense: the dense formulas, on these pre-activations
             return None, reuse_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec)
         enc = lambda p: F.relu(gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, p))
-        a, penalty, aux = enc(pat), None, None        # [nnz] active latents
-        if self.variant.sparse_values is not None:
+        if self.variant.sparse_values is None:
+            a, penalty, aux = enc(pat), None, None    # [nnz] active latents
+        else:
             z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
             a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
         groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
