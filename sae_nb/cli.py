@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from .sae import SAE, VARIANTS
-from .sweep import (DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULTS, MAIN_VARIANTS, SWEEP_DEFAULTS, check_sweep_options,
-                          markdown_table, resolve_device, run_sweep, sparsity_kwargs, sweep_tokens, train_and_evaluate,
+from .sweep import (D_SAE_FACTOR, DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULTS, LR_GRID, MAIN_VARIANTS, SWEEP_DEFAULTS,
+                          check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens, train_and_evaluate,
                           write_report)
+
 
 # %% auto #0
 __all__ = ['PRINTED_METRICS', 'build_parser', 'load_activation_cache', 'main']
@@ -27,9 +28,9 @@ def _names(values) -> list[str]:
     return [v for item in values for v in item.split(",") if v]
 
 
-def _ints(values) -> list[int]:
-    try: return [int(v) for v in _names(values)]
-    except ValueError: raise argparse.ArgumentTypeError(f"expected integers, got {' '.join(values)!r}") from None
+def _numbers(values, kind=int) -> list:
+    try: return [kind(v) for v in _names(values)]
+    except ValueError: raise argparse.ArgumentTypeError(f"expected {kind.__name__}s, got {' '.join(values)!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,28 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--hook", default=hook_default, help=f"hook name (default: {hook_default or 'the SAE config'})")
         sp.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
 
-    s = sub.add_parser("sweep", help="train and evaluate SAEs across variants and L0 targets; write a report")
+    s = sub.add_parser("sweep", help="train and evaluate SAEs across variants, L0 targets and seeds; write a report")
     model_options(s, DEFAULT_HOOK)
     s.add_argument("--variants", nargs="+", default=list(MAIN_VARIANTS), help=f"variants, from {', '.join(VARIANTS)}")
     s.add_argument("--l0", nargs="+", default=None, help=f"L0 targets (default {','.join(map(str, DEFAULT_L0_TARGETS))}; --fast: "
                    f"{','.join(map(str, FAST_DEFAULTS['l0_targets']))})")
-    s.add_argument("--tokens", type=int, default=None, help=f"training tokens per SAE (default {SWEEP_DEFAULTS['total_tokens']}; "
+    s.add_argument("--seeds", type=int, default=None, help=f"SAEs per variant and target (default {SWEEP_DEFAULTS['seeds']}; "
+                   f"--fast: {FAST_DEFAULTS['seeds']})")
+    s.add_argument("--lr", nargs="+", default=None, help=f"the learning-rate grid each variant picks from (default "
+                   f"{','.join(map(str, LR_GRID))})")
+    s.add_argument("--tokens", type=int, default=None, help=f"token budget per SAE (default {SWEEP_DEFAULTS['total_tokens']}; "
                    f"--fast: {FAST_DEFAULTS['total_tokens']})")
-    s.add_argument("--d-sae", type=int, default=None, help="latents per SAE (default 8 x the activation width)")
+    s.add_argument("--d-sae", type=int, default=None, help="latents per SAE (default 4 x the activation width)")
     s.add_argument("--out", default="sae_nb_report", help="report directory (default ./sae_nb_report)")
-    s.add_argument("--fast", action="store_true", help="a smoke run: fewer tokens and targets (under a minute on 2 CPU cores)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fast", action="store_true", help="a smoke test: tiny budgets, one seed (under a minute on 2 CPU cores); "
+                   "its numbers mean nothing")
+    s.add_argument("--seed", type=int, default=0, help="the first seed")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     t = sub.add_parser("train", help="train one SAE on the model's activations (or a saved activation cache)")
     model_options(t, DEFAULT_HOOK)
     t.add_argument("--variant", default="topk", help=f"one of {', '.join(VARIANTS)}")
     g = t.add_mutually_exclusive_group()
+    g.add_argument("--l0", type=float, default=None, help="train to this L0 (any variant; default 16): k for the TopK family, "
+                   "a steered coefficient for relu, gated, jumprelu")
     g.add_argument("--k", type=int, default=None, help="TopK family: active latents per token")
-    g.add_argument("--l1", type=float, default=None, help="relu, gated: L1 coefficient")
-    g.add_argument("--l0", type=float, default=None, help="aim at this L0 with the calibrated sparsity setting (any variant)")
-    t.add_argument("--tokens", type=int, default=SWEEP_DEFAULTS["total_tokens"], help="training tokens")
-    t.add_argument("--d-sae", type=int, default=None, help="latents (default 8 x the activation width)")
+    g.add_argument("--l1", type=float, default=None, help="relu, gated: a fixed L1 coefficient (no steering)")
+    t.add_argument("--tokens", type=int, default=SWEEP_DEFAULTS["total_tokens"], help="token budget (fewer if it converges first)")
+    t.add_argument("--batch-size", type=int, default=SWEEP_DEFAULTS["batch_size"], help="tokens per step")
+    t.add_argument("--lr", type=float, default=LR_GRID[0], help="Adam's peak learning rate")
+    t.add_argument("--d-sae", type=int, default=None, help="latents (default 4 x the activation width)")
     t.add_argument("--cache", default=None, help="train on this activation cache directory (from a sweep) instead of running the model")
     t.add_argument("--out", default="sae_nb_sae", help="directory for the SAE (default ./sae_nb_sae)")
     t.add_argument("--seed", type=int, default=0)
@@ -76,39 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
 
+
 # %% ../nbs/08b_cli.ipynb #efcb7be8
 def _sweep(args, parser) -> int:
-    variants, targets = _names(args.variants), _ints(args.l0) if args.l0 else None
+    variants = _names(args.variants)
     try:
+        targets = _numbers(args.l0, int) if args.l0 else None
+        lrs = _numbers(args.lr, float) if args.lr else None
         model = check_sweep_options(args.model, args.hook, variants, targets or DEFAULT_L0_TARGETS, args.device)
-        if args.tokens is not None and args.tokens < 1: raise ValueError(f"--tokens: expected a positive int, got {args.tokens}")
-        if args.d_sae is not None and args.d_sae < 1: raise ValueError(f"--d-sae: expected a positive int, got {args.d_sae}")
-    except ValueError as err:
+        for name, v in (("--tokens", args.tokens), ("--d-sae", args.d_sae), ("--seeds", args.seeds)):
+            if v is not None and v < 1: raise ValueError(f"{name}: expected a positive int, got {v}")
+    except (ValueError, argparse.ArgumentTypeError) as err:
         parser.error(str(err))
     settings = {"batch_size": min(SWEEP_DEFAULTS["batch_size"] if not args.fast else FAST_DEFAULTS["batch_size"], args.tokens)} \
         if args.tokens else {}
-    df = run_sweep(model, args.hook, variants, targets, total_tokens=args.tokens, d_sae=args.d_sae, device=args.device,
-                   out_dir=args.out, fast=args.fast, progress=not args.no_progress, seed=args.seed, **settings)
+    df = run_sweep(model, args.hook, variants, targets, seeds=args.seeds, lr_grid=lrs, total_tokens=args.tokens,
+                   d_sae=args.d_sae, device=args.device, out_dir=args.out, fast=args.fast, progress=not args.no_progress,
+                   seed=args.seed, **settings)
     df.attrs["config"]["model"] = args.model
     report = write_report(df, args.out)
-    cols = ["variant", "l0_target", "l0", "fvu", "l2_ratio", "dead_fraction", "delta_ce", "ce_loss_recovered"]
-    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"wall time {df.attrs['wall_seconds']:.1f} s; report: {report}")
+    cols = ["variant", "l0_target", "seeds", "lr", "l0", "fvu", "fvu_min", "fvu_max", "delta_ce", "l2_ratio", "dead_fraction",
+            "converged"]
+    print(summarise(df)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    flagged = df[df["flags"] != ""]
+    if len(flagged): print(f"{len(flagged)} of {len(df)} SAEs flagged (see the report's Flags section)")
+    print(f"{'SMOKE TEST: numbers without meaning. ' if args.fast else ''}wall time {df.attrs['wall_seconds']:.1f} s; report: {report}")
     return 0
+
 
 # %% ../nbs/08b_cli.ipynb #305af4ed
 def load_activation_cache(cache_dir) -> tuple[torch.Tensor, dict]:
-    "All rows of an activation cache written by `ActivationStore(cache_dir=...)`, normalised by its act_scale, and its meta."
+    "All rows of an activation cache written by `ActivationStore(cache_dir=...)` (model units), and its meta."
     from safetensors.torch import load_file
     d = Path(cache_dir)
     if not (d / "meta.json").is_file():
         raise ValueError(f"--cache: {str(d)!r} is not an activation cache (no meta.json); a sweep writes one to <out>/activations")
     meta = json.loads((d / "meta.json").read_text())
-    x = torch.cat([load_file(str(d / s))["activations"] for s in meta["shards"]])
-    return x * meta["act_scale"], meta
+    return torch.cat([load_file(str(d / s))["activations"] for s in meta["shards"]]), meta
 
 
-def _train_sae_kwargs(args, d_sae):
+def _train_fields(args) -> dict:
+    "The TrainConfig fields that set the SAE's sparsity, from --k, --l1 or --l0 (default: L0 16)."
     if args.k is not None:
         if not VARIANTS[args.variant].uses_k: raise ValueError(f"--k: only the TopK family uses k, not {args.variant!r} (use --l1 or --l0)")
         return {"k": args.k}
@@ -116,7 +133,10 @@ def _train_sae_kwargs(args, d_sae):
         if args.variant not in ("relu", "gated"): raise ValueError(f"--l1: only relu and gated use an L1 coefficient, not {args.variant!r}")
         return {"l1_coefficient": args.l1}
     target = args.l0 if args.l0 is not None else 16
-    return sparsity_kwargs(args.variant, int(target) if VARIANTS[args.variant].uses_k else target)
+    if VARIANTS[args.variant].uses_k:
+        if int(target) != target: raise ValueError(f"--l0: the {args.variant!r} variant needs an integer L0 (its k), got {target}")
+        target = int(target)
+    return {"target_l0": target}
 
 
 def _train(args, parser) -> int:
@@ -126,41 +146,51 @@ def _train(args, parser) -> int:
     progress = not args.no_progress
     try:
         if args.variant not in VARIANTS: raise ValueError(f"--variant: unknown variant {args.variant!r}; expected one of {tuple(VARIANTS)}")
-        if args.tokens < 1: raise ValueError(f"--tokens: expected a positive int, got {args.tokens}")
-        kw = _train_sae_kwargs(args, args.d_sae)
+        for name, v in (("--tokens", args.tokens), ("--batch-size", args.batch_size)):
+            if v < 1: raise ValueError(f"{name}: expected a positive int, got {v}")
+        if not args.lr > 0: raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
+        fields = _train_fields(args)
         if args.cache is not None: x, meta = load_activation_cache(args.cache)
         else: model = check_sweep_options(args.model, args.hook, [args.variant], [1], args.device)
     except ValueError as err:
         parser.error(str(err))
-    batch_size = min(SWEEP_DEFAULTS["batch_size"], args.tokens)
+    batch_size = min(args.batch_size, args.tokens)
     out = Path(args.out)
-    if args.cache is not None:
+    if args.cache is not None:   # the cache's rows, a tenth held out for convergence and for the metrics
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-        n_val = max(1, len(x) // 10)
+        n_val = max(2, len(x) // 10)
         x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
-        k_fields = {f: kw.pop(f) for f in ("k", "l1_coefficient", "l0_coefficient") if f in kw}
-        cfg = TrainConfig(variant=args.variant, d_in=x.shape[1], d_sae=args.d_sae or 8 * x.shape[1], total_tokens=args.tokens, batch_size=batch_size,
-                          lr=kw.pop("lr", SWEEP_DEFAULTS["lr"]), seed=args.seed, device=resolve_device(args.device), progress=progress, sae_kwargs=kw, **k_fields)
+        cfg = TrainConfig(variant=args.variant, d_in=x.shape[1], d_sae=args.d_sae or D_SAE_FACTOR * x.shape[1], total_tokens=args.tokens,
+                          batch_size=batch_size, lr=args.lr, seed=args.seed, device=resolve_device(args.device),
+                          progress=progress, sae_kwargs={"hook_name": meta["hook_name"], "model_name": meta.get("model_name")},
+                          dead_tokens_threshold=min(args.tokens, 2**18), **fields)
         epochs = math.ceil(args.tokens / len(x_train))
-        sae, _ = train(cfg, x_train.repeat(epochs, 1) if epochs > 1 else x_train)
-        sae.cfg.act_scale, sae.cfg.hook_name, sae.cfg.model_name = float(meta["act_scale"]), meta["hook_name"], meta.get("model_name")
-        metrics = {"variant": args.variant, **evaluate(sae, x_val)}
+        result = train(cfg, x_train.repeat(epochs, 1) if epochs > 1 else x_train, held_out=x_val)
+        sae = result.sae
+        metrics = {"variant": args.variant, **evaluate(sae, x_val), "converged": result.converged}
     else:
         tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_train_seq"], seed=args.seed, split="train")
         eval_tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_eval_seq"], seed=args.seed + 1, split="val")
+        held_tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_heldout_seq"], seed=args.seed + 2, split="val")
+        from sae_nb.data import hook_activations
+        held_out = hook_activations(model, held_tokens, args.hook)
         store = ActivationStore(model, args.hook, tokens, batch_size=batch_size, seed=args.seed, progress=progress)
-        sae, _, metrics = train_and_evaluate(args.variant, kw, store, model, args.hook, eval_tokens, args.d_sae or 8 * store.d_in,
-                                             args.tokens, batch_size, SWEEP_DEFAULTS["lr"], args.seed, resolve_device(args.device),
-                                             progress, args.model)
+        target = fields.pop("target_l0", None)
+        sae, result, metrics = train_and_evaluate(args.variant, target, store, model, args.hook, eval_tokens,
+                                                  args.d_sae or D_SAE_FACTOR * store.d_in, args.tokens, batch_size, args.lr,
+                                                  held_out=held_out, seed=args.seed, device=resolve_device(args.device),
+                                                  progress=progress, model_name=args.model,
+                                                  eval_every=SWEEP_DEFAULTS["eval_every"], **fields)
     sae.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     _print_metrics(metrics, as_json=False)
     print(f"saved to {out}")
     return 0
 
+
 # %% ../nbs/08b_cli.ipynb #342ad544
 PRINTED_METRICS = ("l0", "fvu", "explained_variance", "l2_ratio", "dead_fraction", "dense_fraction", "ce_clean",
-                   "ce_spliced", "delta_ce", "ce_loss_recovered", "spliced_kl")
+                   "ce_spliced", "delta_ce", "ce_loss_recovered", "spliced_kl", "converged", "tokens", "flags")
 
 
 def _print_metrics(metrics: dict, as_json: bool):
@@ -168,7 +198,8 @@ def _print_metrics(metrics: dict, as_json: bool):
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
         return
     for k in ("variant", *PRINTED_METRICS):
-        if k in metrics: print(f"{k:>20}  {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k:>20}  {metrics[k]}")
+        if k in metrics and metrics[k] not in ("", None):
+            print(f"{k:>20}  {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k:>20}  {metrics[k]}")
 
 
 def _eval(args, parser) -> int:

@@ -108,7 +108,7 @@ def linear_error_fit(x: Tensor,            # [..., d] the SAE's inputs (rows are
 
 # %% ../nbs/07_dark_matter.ipynb #0bf27dd2
 def decompose_error(sae: nn.Module,        # an sae_nb SAE
-                    x: Tensor,             # [..., d_in] its inputs in normalised units (rows are tokens)
+                    x: Tensor,             # [..., d_in] its inputs in the model's units (rows are tokens)
                     train_fraction: float = 0.8,  # share of the rows the linear maps are fitted on
                     seed: int = 0,         # seeds the split
                     ridge: float = 0.0,    # ridge penalty of the fits

@@ -330,7 +330,7 @@ def _write_atomic(path: Path, write):
 
 # %% ../nbs/02_data.ipynb #4f2da563
 class ActivationStore:
-    "Shuffled, normalised batches [batch_size, d_in] of `model`'s activations at `hook_name` on `tokens`."
+    "Shuffled batches [batch_size, d_in] of `model`'s activations at `hook_name` on `tokens` (model units), and their `act_scale`."
     def __init__(
         self,
         model,  # TransformerLens TransformerBridge (e.g. sae_nb.lm.load_model("default"))
@@ -338,7 +338,6 @@ class ActivationStore:
         tokens,  # LongTensor [n_seq, ctx] or an iterable of LongTensor batches [batch, ctx]
         batch_size: int = 4096,  # rows per yielded batch
         buffer_tokens: int | None = None,  # rows read per refill; None: 16 * batch_size
-        normalise: bool = True,  # scale rows by act_scale so that the mean squared norm is d_in
         n_norm_tokens: int = 16384,  # N: tokens (from the start of the source) used to estimate act_scale
         cache_dir=None,  # directory for the on-disk activation cache (None: no cache)
         seed: int = 0,  # seeds every shuffle
@@ -358,7 +357,7 @@ class ActivationStore:
         self.reader = _TokenReader(tokens)
         self.model, self.hook_name, self.batch_size, self.seed = model, hook_name, batch_size, seed
         self.buffer_tokens = buffer_tokens or 16 * batch_size
-        self.normalise, self.n_norm_tokens, self.model_batch_size, self.progress = normalise, n_norm_tokens, model_batch_size, progress
+        self.n_norm_tokens, self.model_batch_size, self.progress = n_norm_tokens, model_batch_size, progress
         self.model_name = getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -368,11 +367,11 @@ class ActivationStore:
             self.meta = self._read_meta() or self._fill_cache(shard_tokens)
             self.d_in, self.mean_sq_norm, self.ctx = self.meta["d_in"], self.meta["mean_sq_norm"], self.meta["ctx"]
         else:
-            probe = self._run_model(0, math.ceil(n_norm_tokens / self._ctx()) if normalise else 1)
+            probe = self._run_model(0, math.ceil(n_norm_tokens / self._ctx()))
             if len(probe) == 0:
                 raise ValueError("tokens holds no sequences")
             self.d_in, self.mean_sq_norm, self.ctx = probe.shape[1], probe.pow(2).sum(1).mean().item(), self.reader.ctx
-        self.act_scale = act_scale_from_mean_sq_norm(self.mean_sq_norm, self.d_in) if normalise else 1.0
+        self.act_scale = act_scale_from_mean_sq_norm(self.mean_sq_norm, self.d_in)   # training units = model units * act_scale
         self.seqs_per_block = math.ceil(self.buffer_tokens / self.ctx)
         self.block_tokens = self.seqs_per_block * self.ctx  # n: rows per refill
         self.position = 0  # rows yielded so far
@@ -487,8 +486,8 @@ class ActivationStore:
 
     # -- the shuffled stream -------------------------------------------------------------------------------------
     def _split_block(self, j: int):
-        "(first half, second half) of block j permuted by pi_j, normalised."
-        block = self._raw_block(j) * self.act_scale
+        "(first half, second half) of block j permuted by pi_j."
+        block = self._raw_block(j)
         perm = torch.randperm(len(block), generator=seeded_generator(self.seed, "block", j)).to(block.device)
         half = len(block) // 2
         return block[perm[:half]], block[perm[half:]]
@@ -516,15 +515,18 @@ class ActivationStore:
         if self._queue is None:  # start, or resume after load_state_dict
             self._round, offset = self._locate(self.position)
             self._queue = self._make_round(self._round)[offset:]
-        while len(self._queue) < self.batch_size:
-            self._round += 1
-            more = self._make_round(self._round)
-            if len(more) == 0:
-                raise StopIteration
-            self._queue = torch.cat([self._queue, more])
-        batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
+        parts, n = [], 0
+        while n < self.batch_size:  # the rest of this round, then the next round's first rows: no copy of a whole round
+            if len(self._queue) == 0:
+                self._round += 1
+                self._queue = self._make_round(self._round)
+                if len(self._queue) == 0:
+                    raise StopIteration
+            part = self._queue[:self.batch_size - n]
+            parts.append(part); n += len(part)
+            self._queue = self._queue[len(part):]
         self.position += self.batch_size
-        return batch
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def __iter__(self):
         return self

@@ -31,12 +31,12 @@ class KLLoss(NamedTuple):
 
 
 def _fidelity(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> Tensor:
-    "The variant's fidelity term F with its gradient (the MSE, or Matryoshka's mean prefix MSE)."
+    "The variant's fidelity term F with its gradient (the MSE, or Matryoshka's summed prefix MSEs), in training units."
     fid = sae.variant.fidelity
-    return torch.stack(list(fid(sae, x, latents, x_hat).values())).mean() if fid else mse(x_hat, x)
+    return torch.stack(list(fid(sae, x, latents, x_hat).values())).sum() if fid else mse(x_hat, x)
 
 
-def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (its cfg.act_scale maps raw to normalised units)
+def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (it reads and writes the model's units)
             model: nn.Module,          # the language model (a TransformerBridge), parameters frozen
             hook_name: str,            # where the SAE reads and writes, e.g. "blocks.0.hook_resid_post"
             tokens: Tensor,            # LongTensor [batch, ctx], one batch of sequences
@@ -44,20 +44,20 @@ def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (its
             dead_mask: Tensor | None = None,  # bool [d_sae]: latents counted as dead (AuxK); None: no AuxK
            ) -> KLLoss:
     "KL(clean || spliced) of the next-token distributions plus the SAE's own objective over the batch variance."
-    scale, stash = sae.cfg.act_scale, {}
+    stash = {}
     with torch.no_grad():
         clean_logits = model(tokens)
-    def reconstruct(act):                       # act: [batch, ctx, d_in], raw units
-        x = act.reshape(-1, act.shape[-1]).to(sae.W_dec.dtype) * scale
-        stash["x"], stash["out"] = x, sae.training_loss(x, dead_mask=dead_mask)
-        return stash["out"].x_hat.reshape(act.shape) / scale
+    def reconstruct(act):                       # act: [batch, ctx, d_in], model units
+        x = act.reshape(-1, act.shape[-1]).to(sae.W_dec.dtype)
+        stash["x"], stash["out"] = sae.normalise(x), sae.training_loss(x, dead_mask=dead_mask)
+        return stash["out"].x_hat.reshape(act.shape)
     with replace_activation(model, hook_name, reconstruct):
         spliced_logits = model(tokens)
     x, out = stash["x"], stash["out"]
     kl = kl_div(clean_logits.float(), spliced_logits.float())
     sigma2 = (x - x.mean(0)).pow(2).sum(-1).mean().detach().clamp_min(1e-12)
     anchor = out.loss                                                  # F + S + A
-    if mse_coefficient != 1: anchor = anchor + (mse_coefficient - 1) * _fidelity(sae, x, out.latents, out.x_hat)
+    if mse_coefficient != 1: anchor = anchor + (mse_coefficient - 1) * _fidelity(sae, x, out.latents, sae.normalise(out.x_hat))
     anchor = anchor / sigma2                                           # (lambda F + S + A) / sigma^2
     terms = {"kl": kl, "anchor": anchor, "sigma2": sigma2,
              **{k: out.terms[k] for k in ("mse", "fvu", "l0", "sparsity", "aux")}}
@@ -203,7 +203,7 @@ def e2e_train(model: nn.Module,          # the language model (a TransformerBrid
     scale = act_scale_from_mean_sq_norm(x.pow(2).sum(1).mean().item(), d_in)
     sae = make_sae(variant, d_in=d_in, d_sae=d_sae if d_sae is not None else 8 * d_in, seed=seed,
                    act_scale=scale, hook_name=hook_name, **sae_kwargs).to(x.device)
-    sae.init_b_dec(x * scale)
+    sae.init_b_dec(x)
     history = _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay,
                                grad_clip, log_every, dead_tokens_threshold, seed, progress, f"e2e {variant}")
     return FinetuneResult(sae, history)

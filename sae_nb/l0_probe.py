@@ -46,12 +46,13 @@ def _check_n(n, d_sae: int) -> int:
 # %% ../nbs/05a_l0_probe.ipynb #6540b2ad
 @torch.no_grad()
 def decoder_projections(sae: nn.Module,  # an SAE (reads `W_dec` [d_sae, d_in] and `b_dec` [d_in])
-                        x: Tensor,       # [..., d_in] inputs in the SAE's normalised units
+                        x: Tensor,       # [..., d_in] inputs in the model's units
                        ) -> Tensor:      # [B, d_sae] with B the number of rows of x
-    "The projections P = (x - b_dec) W_dec^T / ||W_dec rows|| of every row of `x` on every decoder direction."
+    "The projections P = (x s - b_dec) W_dec^T / ||W_dec rows|| of every row of `x` on every decoder direction, in training units (s = act_scale)."
     _check_sae(sae)
     W_dec = sae.W_dec.detach()
     rows = _check_x(x, W_dec.shape[1]).to(W_dec.device, W_dec.dtype)
+    rows = sae.normalise(rows) if callable(getattr(sae, "normalise", None)) else rows   # the SAE's training units
     return (rows - sae.b_dec.detach()) @ F.normalize(W_dec, dim=-1).T
 
 # %% ../nbs/05a_l0_probe.ipynb #dcb1b031

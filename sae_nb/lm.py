@@ -239,13 +239,11 @@ def replace_activation(model, hook_name: str,
     with model.hooks(fwd_hooks=[(hook_name, hook)]): yield model
 
 @contextmanager
-def splice(model, sae,  # anything with `sae(x).x_hat` and `sae.cfg.act_scale`
+def splice(model, sae,  # anything whose `sae(x).x_hat` reconstructs x in the model's units (an sae_nb SAE)
            hook_name: str):
     "Context manager in which `model` runs with the activation at `hook_name` replaced by the SAE's reconstruction."
-    scale = getattr(getattr(sae, "cfg", None), "act_scale", None)
-    if scale is None: raise TypeError(f"sae must have .cfg.act_scale (an SAE from sae_nb.sae), got {type(sae).__name__}")
-    if not scale > 0: raise ValueError(f"sae.cfg.act_scale must be > 0, got {scale}")
-    with replace_activation(model, hook_name, lambda x: sae(x * scale).x_hat / scale): yield model
+    if not callable(sae): raise TypeError(f"sae must be callable as sae(x).x_hat (an SAE from sae_nb.sae), got {type(sae).__name__}")
+    with replace_activation(model, hook_name, lambda x: sae(x).x_hat): yield model
 
 @contextmanager
 def zero_ablate(model, hook_name: str):

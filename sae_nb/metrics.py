@@ -145,7 +145,7 @@ def _next_token_ce_sum(logits: Tensor, tokens: Tensor) -> Tensor:
     "Summed next-token cross-entropy (nats) of `logits` [b, ctx, vocab] on `tokens` [b, ctx], in float64."
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum")
 
-def model_metrics(sae: nn.Module,            # SAE trained on `hook_name` (its cfg.act_scale maps raw activations to its input)
+def model_metrics(sae: nn.Module,            # SAE trained on `hook_name` (it reads and writes the model's units)
                   model: nn.Module,          # the language model (a TransformerBridge from `sae_nb.lm.load_model`)
                   tokens: Tensor,            # [n_seq, ctx] token ids
                   hook_name: str|None=None,  # hook to splice at; default `sae.cfg.hook_name`
@@ -162,7 +162,6 @@ def model_metrics(sae: nn.Module,            # SAE trained on `hook_name` (its c
         raise ValueError(f"tokens must be an integer tensor [n_seq, ctx] with ctx >= 2, got "
                          f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
     _check_int("model_batch_size", model_batch_size)
-    scale = float(getattr(sae.cfg, "act_scale", 1.0))
     device = next(model.parameters()).device
     s = dict.fromkeys(["ce_clean", "ce_spliced", "ce_zero_ablated", "spliced_kl", "zero_ablated_kl"], 0.0)
     n_pred = n_pos = 0
@@ -172,7 +171,7 @@ def model_metrics(sae: nn.Module,            # SAE trained on `hook_name` (its c
             if acc is None: clean = model(toks)
             else:
                 clean, acts = run_with_activation(model, toks, hook_name)
-                acts = (acts * scale).to(sae.W_dec.dtype)
+                acts = acts.to(sae.W_dec.dtype)
                 out = sae(acts)
                 acc.update(acts, out.x_hat, out.latents, W_dec=sae.W_dec)
             with splice(model, sae, hook_name): spliced = model(toks)
@@ -190,7 +189,7 @@ def model_metrics(sae: nn.Module,            # SAE trained on `hook_name` (its c
 
 # %% ../nbs/05_metrics.ipynb #064fd91e
 def evaluate(sae: nn.Module,                 # the SAE to evaluate (any variant)
-             x: Tensor|Iterable|None=None,   # SAE inputs [..., d_in] (normalised units), or an iterable of such batches; None: the activations of `tokens`
+             x: Tensor|Iterable|None=None,   # SAE inputs [..., d_in] (model units), or an iterable of such batches; None: the activations of `tokens`
              batch_size: int=4096,           # rows per SAE forward pass (the results do not depend on it)
              model: nn.Module|None=None,     # language model for the spliced metrics
              hook_name: str|None=None,       # hook the SAE reads (default `sae.cfg.hook_name`)

@@ -24,7 +24,7 @@ AXIS_LABELS = {
     "l0": "L0 (active latents per token)",
     "fvu": "FVU (fraction of variance unexplained)",
     "explained_variance": "explained variance (fraction)",
-    "delta_ce": "ΔCE = spliced CE − clean CE (nats/token)",
+    "delta_ce": "ΔCE = spliced − clean CE (nats/token; a byte on the default model)",
     "ce_spliced": "spliced CE (nats/token)",
     "ce_clean": "clean CE (nats/token)",
     "ce_loss_recovered": "CE loss recovered (fraction)",
@@ -32,8 +32,8 @@ AXIS_LABELS = {
     "l2_ratio": "L2 ratio ‖x̂‖ / ‖x‖ (1 = no shrinkage)",
     "dead_fraction": "dead latents (fraction of d_sae)",
     "dense_fraction": "dense latents, >10% of tokens (fraction of d_sae)",
-    "mse": "MSE (squared norm, normalised units)",
-    "loss": "training loss (normalised units)",
+    "mse": "MSE (squared norm, training units)",
+    "loss": "training loss (training units)",
     "tokens": "training tokens",
     "step": "optimizer step",
     "lr": "learning rate",
@@ -66,18 +66,26 @@ def plot_pareto(df: pd.DataFrame,          # one row per SAE
                 logy: bool = False,        # log-scale y-axis
                 title: str | None = None,  # default: "<y label> vs L0"
                 annotate: str | None = None,  # column whose value is written next to each point (e.g. "l0_target")
+                group: str | None = None,  # rows sharing this column's value (e.g. seeds at one "l0_target") make one
+                                           # point: the mean, with bars over their range of `y`
                 ax=None,                   # matplotlib Axes to draw on (default: a new figure)
                ):
-    "Pareto plot: `y` against `x`, one line with markers per `hue` value; returns the Axes."
+    "Pareto plot: `y` against `x`, one line with markers per `hue` value (means with min-max bars per `group`); returns the Axes."
     if not isinstance(df, pd.DataFrame): raise TypeError(f"df: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in (x, y, hue) + ((annotate,) if annotate else ()) if c not in df.columns]
+    missing = [c for c in (x, y, hue) + ((annotate,) if annotate else ()) + ((group,) if group else ()) if c not in df.columns]
     if missing: raise ValueError(f"df: missing column(s) {missing}; it has {list(df.columns)}")
     if len(df) == 0: raise ValueError("df: expected at least one row, got an empty DataFrame")
     ax = _new_axes(ax)
     colors = variant_colors(list(df[hue]))
-    for name, group in df.groupby(hue, sort=False):
-        g = group.sort_values(x)
-        ax.plot(g[x], g[y], marker="o", color=colors[name], label=str(name))
+    for name, rows in df.groupby(hue, sort=False):
+        if group is None:
+            g = rows.sort_values(x)
+            ax.plot(g[x], g[y], marker="o", color=colors[name], label=str(name))
+        else:
+            g = rows.groupby(group).agg(**{x: (x, "mean"), y: (y, "mean"), "lo": (y, "min"), "hi": (y, "max")})
+            g = g.reset_index().sort_values(x)
+            ax.errorbar(g[x], g[y], yerr=[g[y] - g["lo"], g["hi"] - g[y]], marker="o", capsize=3, color=colors[name],
+                        label=str(name))
         if annotate:
             for xv, yv, a in zip(g[x], g[y], g[annotate]):
                 ax.annotate(f"{a}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colors[name])

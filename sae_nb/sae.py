@@ -27,12 +27,12 @@ from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_b
 # %% auto #0
 __all__ = ['VARIANTS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae', 'remove_parallel_component',
            'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'relu_select', 'relu_sparse_values',
-           'topk_activation', 'topk_aux', 'topk_select', 'batchtopk_extras', 'update_threshold', 'batchtopk_activation',
-           'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'JumpReLUL0Fn',
-           'jumprelu_extras', 'jumprelu_activation', 'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select',
-           'jumprelu_sparse_values', 'gated_extras', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
-           'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse', 'matryoshka_select', 'save_sae',
-           'load_sae']
+           'topk_activation', 'auxk_term', 'topk_aux', 'topk_select', 'batchtopk_extras', 'update_threshold',
+           'batchtopk_activation', 'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn', 'jumprelu', 'step',
+           'JumpReLUL0Fn', 'jumprelu_extras', 'init_jumprelu_thresholds', 'jumprelu_activation', 'jumprelu_l0',
+           'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values', 'gated_extras', 'gated_activation',
+           'gated_l1', 'gated_aux', 'GatedFn', 'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse',
+           'matryoshka_select', 'save_sae', 'load_sae']
 
 # %% ../nbs/01_sae.ipynb #0aa5e862
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -61,16 +61,16 @@ class SAEConfig:
     d_in: int                               # width of the activations the SAE reads
     d_sae: int                              # number of latents (dictionary size)
     k: int | None = None                    # TopK family: active latents per row (required there, ignored elsewhere)
-    l1_coefficient: float = 5.0             # relu, gated: weight of the decoder-norm-weighted L1
+    l1_coefficient: float = 2.0             # relu, gated: weight of the decoder-norm-weighted L1
     l0_coefficient: float = 1.0             # jumprelu: weight of the (straight-through) L0
-    bandwidth: float = 1e-3                 # jumprelu: width epsilon of the rectangle kernel
-    threshold_init: float = 1e-3            # jumprelu: initial threshold theta of every latent
-    threshold_momentum: float = 0.99        # batchtopk, matryoshka: EMA momentum of the inference threshold
+    bandwidth: float = 0.05                 # jumprelu: width epsilon of the rectangle kernel (training units)
+    threshold_init: float = 0.2             # jumprelu: initial threshold theta of every latent (training units)
+    threshold_momentum: float = 0.9         # batchtopk, matryoshka: EMA momentum of the inference threshold
     matryoshka_prefixes: tuple[int, ...] | None = None  # matryoshka: nested dictionary sizes, last = d_sae
     aux_k: int | None = None                # TopK family: latents in the AuxK reconstruction (None: d_in // 2)
     aux_coefficient: float = 1 / 32         # TopK family: weight of the AuxK loss
     unit_norm_decoder: bool | None = None   # None: the variant's choice (see `VARIANTS`)
-    act_scale: float = 1.0                  # raw model activation * act_scale = what the SAE reads
+    act_scale: float = 1.0                  # model activation * act_scale = the training units the SAE computes in
     seed: int | None = None                 # seed of the initialisation (None: torch's global RNG)
     hook_name: str | None = None            # provenance: the hook the SAE reads
     model_name: str | None = None           # provenance: the model it was trained on
@@ -199,24 +199,38 @@ class SAE(nn.Module):
             raise ValueError(f"{name}: contains NaN or inf values; expected finite activations")
         return x.to(self.W_dec.dtype)
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        "Encoder pre-activations `(x - b_dec) @ W_enc + b_enc` of rows `x` [..., d_in]."
+    def normalise(self, x: Tensor) -> Tensor:
+        "Model units -> the SAE's training units: `x * act_scale` (the same tensor when act_scale is 1)."
+        s = self.cfg.act_scale
+        return x if s == 1.0 else x * s
+
+    def denormalise(self, x_hat: Tensor) -> Tensor:
+        "The SAE's training units -> model units: `x_hat / act_scale`."
+        s = self.cfg.act_scale
+        return x_hat if s == 1.0 else x_hat / s
+
+    def _pre(self, x: Tensor) -> Tensor:
+        "Encoder pre-activations `(x - b_dec) @ W_enc + b_enc` of rows `x` already in training units."
         return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)  # b_dec's gradient without a [n, d_in] product
 
+    def pre_acts(self, x: Tensor) -> Tensor:
+        "Encoder pre-activations pi(x) [..., d_sae] of `x` [..., d_in] in model units."
+        return self._pre(self.normalise(self._check_input(x, self.cfg.d_in)))
+
     def _encode(self, x: Tensor, update: bool = False, pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        "(latents, pre_acts) of the rows `x` [n, d_in] (or of their given `pre`); `update`: update running statistics."
-        pre = self.pre_acts(x) if pre is None else pre
+        "(latents, pre_acts) of the rows `x` [n, d_in] in training units (or of their given `pre`); `update`: update running statistics."
+        pre = self._pre(x) if pre is None else pre
         return self.variant.activation(self, pre, update), pre
 
     def encode(self, x: Tensor) -> Tensor:
-        "Latents [..., d_sae] of `x` [..., d_in] (normalised units)."
+        "Latents [..., d_sae] of `x` [..., d_in] (model units)."
         x = self._check_input(x, self.cfg.d_in)
-        return self._encode(x.reshape(-1, self.cfg.d_in))[0].reshape(*x.shape[:-1], self.cfg.d_sae)
+        return self._encode(self.normalise(x.reshape(-1, self.cfg.d_in)))[0].reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, latents: Tensor) -> Tensor:
-        "Reconstruction `latents @ W_dec + b_dec` [..., d_in] of `latents` [..., d_sae]."
+        "Reconstruction `(latents @ W_dec + b_dec) / act_scale` [..., d_in] of `latents` [..., d_sae], in model units."
         latents = self._check_input(latents, self.cfg.d_sae, "latents")
-        return latents @ self.W_dec + self.b_dec
+        return self.denormalise(latents @ self.W_dec + self.b_dec)
 
     def forward(self, x: Tensor) -> SAEOutput:
         "Encode then decode `x` [..., d_in]; leading dims are kept."
@@ -224,17 +238,17 @@ class SAE(nn.Module):
         return SAEOutput(self.decode(latents), latents)
 
     def training_loss(self,
-                      x: Tensor,                     # [..., d_in] activations; leading dims are flattened to rows
+                      x: Tensor,                     # [..., d_in] activations (model units); leading dims are flattened to rows
                       dead_mask: Tensor | None = None,  # bool [d_sae]: latents the trainer counts as dead (AuxK)
-                      sparsity_scale: float = 1.0,   # in [0, 1]: multiplies the sparsity coefficient (warm-up)
+                      sparsity_scale: float = 1.0,   # >= 0: multiplies the sparsity coefficient (warm-up, L0 steering)
                      ) -> TrainOutput:
-        "The loss this SAE's variant trains on: fidelity + sparsity + auxiliary terms, on the flattened rows."
-        x = self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in)
+        "The loss this SAE's variant trains on: fidelity + sparsity + auxiliary terms, on the flattened rows in training units."
+        x = self.normalise(self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in))
         if dead_mask is not None:
             if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (self.cfg.d_sae,):
                 got = f"dtype {dead_mask.dtype}, shape {tuple(dead_mask.shape)}" if isinstance(dead_mask, Tensor) else type(dead_mask).__name__
                 raise ValueError(f"dead_mask: expected a bool tensor of shape ({self.cfg.d_sae},), got {got}")
-        sparsity_scale = _check_number("sparsity_scale", sparsity_scale, 0.0, 1.0)
+        sparsity_scale = _check_number("sparsity_scale", sparsity_scale, 0.0)
         v, zero = self.variant, x.new_zeros(())
         # the sparse step, or None with the pre-activations it computed when the variant finds them too dense
         sparse, pre = self._sparse_terms(x, dead_mask) if self._takes_sparse_step(x) else (None, None)
@@ -245,7 +259,7 @@ class SAE(nn.Module):
         else:
             fused = v.fused is not None and torch.is_grad_enabled()
             if fused:                                # activation, penalty (and aux) as one autograd node
-                pre = self.pre_acts(x) if pre is None else pre
+                pre = self._pre(x) if pre is None else pre
                 latents, penalty, fused_aux = v.fused(self, x, pre)
             else:
                 latents, pre = self._encode(x, update=self.training, pre=pre)
@@ -259,11 +273,11 @@ class SAE(nn.Module):
             else: aux = v.aux(self, x, x_hat, pre, latents, dead_mask) if v.aux else zero
             fired = (latents != 0).sum(0)
             l0_value = fired.sum().to(x.dtype) / x.shape[0]   # = l0(latents), from the per-latent counts
-        fidelity = torch.stack(list(parts.values())).mean()
+        fidelity = torch.stack(list(parts.values())).sum()   # one MSE, or Matryoshka's sum over its prefixes
         terms = {"mse": parts["mse"] if "mse" in parts else mse(x_hat, x), "fvu": fvu(x_hat, x), "l0": l0_value,
                  "fidelity": fidelity, "sparsity": sparsity, "aux": aux, **parts}
         terms = {name: t.detach() for name, t in terms.items()}
-        return TrainOutput(fidelity + sparsity + aux, x_hat, latents, terms, fired)
+        return TrainOutput(fidelity + sparsity + aux, self.denormalise(x_hat), latents, terms, fired)
 
     def _takes_sparse_step(self, x: Tensor) -> bool:
         "Whether `training_loss` tries the sparse step: a variant with `select`, `cfg.sparse_step`, training mode, x without grad."
@@ -300,10 +314,10 @@ class SAE(nn.Module):
             parts[name] = mse(x_hat, x)
         aux = x.new_zeros(()) if aux is None else aux
         if dead is not None:
-            aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, decode_active(enc(dead), self.W_dec, dead))
+            aux = auxk_term(self, x, auxk_loss_active(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
         elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
             e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
-            aux = self.cfg.aux_coefficient * auxk_loss_active(x, x_hat, e_hat)
+            aux = auxk_term(self, x, auxk_loss_active(x, x_hat, e_hat))
         latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
         return (x_hat, latents, parts, aux, fired, penalty), None
@@ -322,13 +336,13 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self,
-                   x: Tensor,                          # [..., d_in] a sample of (normalised) activations
+                   x: Tensor,                          # [..., d_in] a sample of activations (model units)
                    method: str = "geometric_median",   # "geometric_median" or "mean"
                   ):
-        "Set `b_dec` in place to the geometric median or the mean of the rows of `x`."
+        "Set `b_dec` in place to the geometric median or the mean of the rows of `x` (in training units)."
         if method not in ("geometric_median", "mean"):
             raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        x = self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in)
+        x = self.normalise(self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in))
         self.b_dec.copy_(geometric_median(x) if method == "geometric_median" else x.mean(0))
 
     def save(self, path,
@@ -425,11 +439,16 @@ def topk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
     return torch.zeros_like(pre_acts).scatter(-1, idx, F.relu(vals))
 
 
+def auxk_term(sae: SAE, x: Tensor, nmse_aux: Tensor) -> Tensor:
+    "The AuxK term in the units of the un-normalised MSE: alpha * nmse_aux * (sum over rows of ||x - mean(x)||^2) / n."
+    return sae.cfg.aux_coefficient * nmse_aux * (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+
+
 def topk_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Tensor, dead_mask: Tensor | None) -> Tensor:
-    "AuxK loss on the dead latents, times `aux_coefficient` (zero without a `dead_mask`)."
+    "AuxK loss on the dead latents, weighted as in Gao et al. by `auxk_term` (zero without a `dead_mask`)."
     if dead_mask is None:
         return pre_acts.new_zeros(())
-    return sae.cfg.aux_coefficient * auxk_loss(x, x_hat, pre_acts, sae.W_dec, dead_mask, sae.cfg.aux_k)
+    return auxk_term(sae, x, auxk_loss(x, x_hat, pre_acts, sae.W_dec, dead_mask, sae.cfg.aux_k))
 
 
 def topk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
@@ -572,6 +591,19 @@ def jumprelu_extras(cfg: SAEConfig, dtype) -> dict:
     return {"log_threshold": nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.threshold_init), dtype=dtype))}
 
 
+@torch.no_grad()
+def init_jumprelu_thresholds(sae: SAE,
+                             x: Tensor,   # [..., d_in] a sample of activations (model units)
+                             l0: float,   # the L0 the thresholds should give on it
+                            ):
+    "Put each latent's threshold at its own (1 - l0/d_sae) quantile of the pre-activations of `x`, so that L0 starts at `l0`."
+    pre = sae.pre_acts(x).reshape(-1, sae.cfg.d_sae)                  # [n, d_sae]
+    n = pre.shape[0]
+    above = min(n - 1, max(0, round(n * l0 / sae.cfg.d_sae)))          # rows above the threshold, per latent
+    theta = pre.kthvalue(n - above, dim=0).values                       # the (above + 1)-th largest of each column
+    sae.log_threshold.copy_(theta.clamp_min(1e-6).log())
+
+
 def jumprelu_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
     "JumpReLU with per-latent threshold exp(log_threshold)."
     return jumprelu(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth)
@@ -617,8 +649,8 @@ def gated_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor
 
 
 def gated_l1(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
-    "L1 of ReLU(gate pre-acts) weighted by decoder norms."
-    return l1(F.relu(pre_acts), sae.W_dec)
+    "L1 of ReLU(gate pre-acts) weighted by the (frozen) decoder norms."
+    return l1(F.relu(pre_acts), sae.W_dec.detach())
 
 
 def gated_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Tensor, dead_mask: Tensor | None) -> Tensor:
@@ -656,7 +688,7 @@ class GatedFn(torch.autograd.Function):
 def gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     "Training terms with one node for the activations: (latents, decoder-weighted L1 of ReLU(pi), aux)."
     latents, gate = GatedFn.apply(pre_acts, sae.b_enc, sae.r_mag, sae.b_mag)
-    penalty = gate.sum(0) @ sae.W_dec.norm(dim=-1) / gate.shape[0]     # = l1(ReLU(pi), W_dec): gate >= 0
+    penalty = gate.sum(0) @ sae.W_dec.detach().norm(dim=-1) / gate.shape[0]   # = l1(ReLU(pi), sg(W_dec)): gate >= 0
     aux = mse(gate @ sae.W_dec.detach() + sae.b_dec.detach(), x)
     return latents, penalty, aux
 
@@ -671,7 +703,7 @@ def gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     gate = F.relu(z)                                            # pi > 0 on the pattern: ReLU for its gradient at 0
     c = pat.col
     latents = F.relu((z - sae.b_enc[c]) * sae.r_mag.exp()[c] + sae.b_mag[c])
-    penalty = (gate * sae.W_dec.norm(dim=-1)[c]).sum() / pat.n_rows
+    penalty = (gate * sae.W_dec.detach().norm(dim=-1)[c]).sum() / pat.n_rows
     aux = mse(decode_active(gate, sae.W_dec.detach(), pat) + sae.b_dec.detach(), x)
     return latents, penalty, aux
 

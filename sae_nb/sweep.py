@@ -19,62 +19,32 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ActivationStore
+from .data import ActivationStore, hook_activations
 from .lm import check_hook_name, corpus_bytes, default_tokens, load_model
 from .metrics import evaluate
 from .sae import VARIANTS
 from .train import TrainConfig, train
 
 # %% auto #0
-__all__ = ['DEFAULT_HOOK', 'MAIN_VARIANTS', 'DEFAULT_L0_TARGETS', 'SPARSITY_TABLE', 'SWEEP_DEFAULTS', 'FAST_DEFAULTS',
-           'ROW_COLUMNS', 'REPORT_COLUMNS', 'sparsity_kwargs', 'sweep_tokens', 'resolve_device', 'load_sweep_model',
-           'check_sweep_options', 'train_and_evaluate', 'run_sweep', 'calibrate', 'markdown_table', 'write_report']
+__all__ = ['DEFAULT_HOOK', 'MAIN_VARIANTS', 'DEFAULT_L0_TARGETS', 'D_SAE_FACTOR', 'LR_GRID', 'L0_TOLERANCE', 'SWEEP_DEFAULTS',
+           'FAST_DEFAULTS', 'ROW_COLUMNS', 'REPORT_COLUMNS', 'COLUMN_NOTES', 'sweep_tokens', 'resolve_device',
+           'load_sweep_model', 'check_sweep_options', 'row_flags', 'train_and_evaluate', 'run_sweep', 'summarise',
+           'anchor_checks', 'markdown_table', 'write_report']
 
-# %% ../nbs/08a_sweep.ipynb #c4e800bd
+# %% ../nbs/08a_sweep.ipynb #c147cf93
 DEFAULT_HOOK = "blocks.0.hook_resid_post"    # the residual stream between the default model's two blocks
 MAIN_VARIANTS = ("relu", "topk", "batchtopk", "jumprelu")
-DEFAULT_L0_TARGETS = (4, 8, 16, 32)
-
-# variant -> (the SAEConfig field that sets its sparsity, fixed fields, {measured L0: knob value});
-# measured with `calibrate` on the TRAINED default model (sae_nb/weights/default.safetensors) at DEFAULT_HOOK
-# with SWEEP_DEFAULTS (2**17 tokens, d_sae 1024, seed 0), held-out L0; fixed field "lr" overrides the sweep's lr
-SPARSITY_TABLE = {
-    "relu":     ("l1_coefficient", {"lr": 1e-2}, {22.77: 1.0, 5.26: 3.0, 1.22: 10.0}),
-    "gated":    ("l1_coefficient", {"lr": 1e-2}, {299.43: 1.0, 177.76: 3.0, 0.23: 30.0}),
-    "jumprelu": ("threshold_init", {"l0_coefficient": 1.0}, {9.2: 1.6, 15.19: 1.2, 28.37: 0.8, 60.07: 0.45}),
-}
+DEFAULT_L0_TARGETS = (8, 16)
+D_SAE_FACTOR = 4                             # default d_sae = 4 * d_in
+LR_GRID = (3e-3, 1e-2)                       # the learning rates each variant is tried at (Adam's peak lr)
+L0_TOLERANCE = 0.1                           # a row whose held-out L0 misses its target by more than 10% is flagged
 
 
-def _loglog_interp(points: dict, target: float) -> float:
-    "Log-log linear interpolation of {x: y} at `target`, extended linearly (in log-log) beyond the ends."
-    xs, ys = np.log(np.array(sorted(points))), np.log(np.array([points[k] for k in sorted(points)]))
-    if len(xs) == 1: return float(np.exp(ys[0]))
-    t = math.log(target)
-    j = int(np.clip(np.searchsorted(xs, t) - 1, 0, len(xs) - 2))
-    slope = (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
-    return float(np.exp(ys[j] + slope * (t - xs[j])))
-
-
-def sparsity_kwargs(variant: str,            # one of sae_nb.sae.VARIANTS
-                    target: float,           # the L0 wanted
-                    table: dict | None = None,  # default SPARSITY_TABLE
-                   ) -> dict:
-    "The SAEConfig fields that aim `variant` at L0 = `target`: k for the TopK family, the interpolated knob otherwise."
-    if variant not in VARIANTS: raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
-    if not (isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0):
-        raise ValueError(f"target: expected a positive number (an L0), got {target!r}")
-    if VARIANTS[variant].uses_k:
-        if int(target) != target: raise ValueError(f"target: the {variant!r} variant needs an integer L0 (its k), got {target!r}")
-        return {"k": int(target)}
-    table = SPARSITY_TABLE if table is None else table
-    if variant not in table: raise ValueError(f"variant: no sparsity calibration for {variant!r}; calibrated: {sorted(table)}")
-    knob, fixed, points = table[variant]
-    return {**fixed, knob: _loglog_interp(points, target)}
-
-# %% ../nbs/08a_sweep.ipynb #6b17cf84
-SWEEP_DEFAULTS = dict(total_tokens=2**17, batch_size=1024, lr=1e-3, n_train_seq=2048, n_eval_seq=64, ctx=128)
-FAST_DEFAULTS = dict(total_tokens=2**13, batch_size=512, lr=2e-3, n_train_seq=64, n_eval_seq=4, ctx=128,
-                     l0_targets=(8, 32))
+# %% ../nbs/08a_sweep.ipynb #6ed62c2d
+SWEEP_DEFAULTS = dict(total_tokens=2**21, batch_size=4096, n_train_seq=4096, n_heldout_seq=64, n_eval_seq=64, ctx=128,
+                      seeds=2, eval_every=16)
+FAST_DEFAULTS = dict(total_tokens=2**15, batch_size=1024, n_train_seq=64, n_heldout_seq=8, n_eval_seq=4, ctx=128,
+                     seeds=1, eval_every=8, l0_targets=(8, 32), lr_grid=(3e-3,))
 
 
 def sweep_tokens(model,           # the language model (its tokenizer, if any, is used)
@@ -93,9 +63,10 @@ def sweep_tokens(model,           # the language model (its tokenizer, if any, i
     starts = torch.randint(0, len(ids) - ctx + 1, (n_seq,), generator=g)
     return ids[starts[:, None] + torch.arange(ctx)]
 
-# %% ../nbs/08a_sweep.ipynb #877fedc0
+
+# %% ../nbs/08a_sweep.ipynb #0625c22f
 def _check_positive_int(name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int): raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{name}: expected an int >= {lo}, got {type(v).__name__} {v!r}")
     if v < lo: raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     return v
 
@@ -140,46 +111,62 @@ def check_sweep_options(model="default", hook_name: str = DEFAULT_HOOK, variants
     if bad: raise ValueError(f"variants: unknown variant(s) {bad}; expected names from {tuple(VARIANTS)}")
     if len(set(variants)) != len(variants): raise ValueError(f"variants: each variant at most once, got {list(variants)}")
     if isinstance(l0_targets, (str, int)) or not l0_targets: raise ValueError(f"l0_targets: expected a non-empty list of ints, got {l0_targets!r}")
-    for t in l0_targets: _check_positive_int("l0_targets", t)
-    for v in variants:
-        for t in l0_targets: sparsity_kwargs(v, t)
+    for t in l0_targets:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1: raise ValueError(f"l0_targets: expected ints >= 1, got {t!r}")
     m = load_sweep_model(model, resolve_device(device))
     if not isinstance(hook_name, str): raise ValueError(f"hook_name: expected a str, got {type(hook_name).__name__}")
     check_hook_name(m, hook_name)
     return m
 
-# %% ../nbs/08a_sweep.ipynb #a939af2a
-ROW_COLUMNS = ("name", "variant", "l0_target", "knob", "knob_value", "lr", "l0", "fvu", "explained_variance", "l2_ratio",
-               "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced", "delta_ce", "ce_zero_ablated",
-               "ce_loss_recovered", "spliced_kl", "train_seconds", "eval_seconds")
+
+# %% ../nbs/08a_sweep.ipynb #7b0fa2c1
+ROW_COLUMNS = ("name", "variant", "l0_target", "seed", "lr", "l0", "fvu", "explained_variance", "l2_ratio", "dead_fraction",
+               "dense_fraction", "ce_clean", "ce_spliced", "delta_ce", "ce_zero_ablated", "ce_loss_recovered", "spliced_kl",
+               "converged", "tokens", "sparsity_coefficient", "flags", "train_seconds", "eval_seconds")
 
 
-def train_and_evaluate(variant: str,         # SAE variant
-                       sae_kwargs: dict,     # its sparsity setting (from `sparsity_kwargs`) and other SAEConfig fields
+def row_flags(row: dict) -> str:
+    "The problems of one sweep row, '; '-separated ('' when none): L0 off target, FVU above 1, not converged, over half dead."
+    flags = []
+    target = row.get("l0_target")
+    if target and abs(row["l0"] / target - 1) > L0_TOLERANCE: flags.append(f"L0 {row['l0']:.3g} off target {target}")
+    if row["fvu"] > 1: flags.append("FVU > 1")
+    if row.get("converged") is False: flags.append("not converged")
+    if row["dead_fraction"] > 0.5: flags.append("over half dead")
+    return "; ".join(flags)
+
+
+def train_and_evaluate(variant: str,            # SAE variant
+                       l0_target: int,          # the L0 it is trained to (k for the TopK family, steered otherwise)
                        store: ActivationStore,  # training activations
                        model: nn.Module, hook_name: str,
-                       eval_tokens: torch.Tensor,  # held-out tokens [n_seq, ctx]
+                       eval_tokens: torch.Tensor,  # held-out tokens [n_seq, ctx] for the final metrics
                        d_sae: int, total_tokens: int, batch_size: int, lr: float,
-                       seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None):
-    "Train one SAE on `store` and evaluate it on `eval_tokens`; returns (sae, history, metrics row dict)."
-    knob = list(sae_kwargs)[-1] if sae_kwargs else None   # the sparsity setting comes last, after any fixed fields
-    sae_kwargs = dict(sae_kwargs)
-    lr = sae_kwargs.pop("lr", lr)   # a variant's own learning rate, when its SPARSITY_TABLE entry fixes one
-    fields = {f: sae_kwargs.pop(f) for f in ("k", "l1_coefficient", "l0_coefficient") if f in sae_kwargs}
-    cfg = TrainConfig(variant=variant, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size, lr=lr, seed=seed,
-                      device=device, progress=progress, sae_kwargs=sae_kwargs, dead_tokens_threshold=min(total_tokens, 2**18),
-                      **fields)
+                       held_out: torch.Tensor | None = None,  # [n, d_in] held-out activations: convergence and lr pick
+                       seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
+                       **train_kw,              # further TrainConfig fields (eval_every, sae_kwargs, ...)
+                      ):
+    "Train one SAE to `l0_target` on `store` (until its held-out FVU plateaus) and evaluate it on `eval_tokens`; returns (sae, TrainResult, row)."
+    sae_kwargs = {**train_kw.pop("sae_kwargs", {}), "hook_name": hook_name, "model_name": model_name}
+    cfg = TrainConfig(variant=variant, target_l0=l0_target, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size,
+                      lr=lr, seed=seed, device=device, progress=progress, sae_kwargs=sae_kwargs,
+                      dead_tokens_threshold=min(total_tokens, 2**18), **train_kw)
     t0 = time.perf_counter()
-    sae, history = train(cfg, store)
+    result = train(cfg, store, held_out=held_out)
     train_s = time.perf_counter() - t0
-    sae.cfg.hook_name, sae.cfg.model_name = hook_name, model_name
-    t0 = time.perf_counter()
+    sae, t0 = result.sae, time.perf_counter()
     m = evaluate(sae, model=model, hook_name=hook_name, tokens=eval_tokens)
-    row = dict(variant=variant, knob=knob, knob_value={**fields, **sae_kwargs}.get(knob), lr=lr, **m,
-               delta_ce=m["ce_spliced"] - m["ce_clean"], train_seconds=train_s, eval_seconds=time.perf_counter() - t0)
-    return sae, history, row
+    coefficient = sae.variant.coefficient
+    row = dict(variant=variant, l0_target=l0_target, seed=seed, lr=lr, **m, delta_ce=m["ce_spliced"] - m["ce_clean"],
+               converged=result.converged, tokens=result.steps * batch_size,
+               sparsity_coefficient=getattr(sae.cfg, coefficient) if coefficient else float("nan"),
+               heldout_fvu=result.evals[-1]["fvu"] if result.evals else float("nan"),
+               train_seconds=train_s, eval_seconds=time.perf_counter() - t0)
+    row["flags"] = row_flags(row)
+    return sae, result, row
 
-# %% ../nbs/08a_sweep.ipynb #4417bebf
+
+# %% ../nbs/08a_sweep.ipynb #d0c14bb9
 def _model_label(model) -> str:
     return model if isinstance(model, str) else getattr(getattr(model, "cfg", None), "model_name", type(model).__name__)
 
@@ -188,84 +175,153 @@ def run_sweep(model="default",            # "default" (the embedded model), a Hu
               hook_name: str = DEFAULT_HOOK,  # the hook whose activations the SAEs read
               variants=MAIN_VARIANTS,     # SAE variants to train
               l0_targets=None,            # L0 targets (default DEFAULT_L0_TARGETS; fast: (8, 32))
-              total_tokens: int | None = None,  # training tokens per SAE (default SWEEP_DEFAULTS / FAST_DEFAULTS)
-              d_sae: int | None = None,   # latents per SAE (default 8 * d_in)
+              seeds: int | None = None,   # SAEs per (variant, target), with seeds seed, seed + 1, ... (default 2; fast: 1)
+              lr_grid=None,               # learning rates to pick from, per variant (default LR_GRID; fast: (3e-3,))
+              total_tokens: int | None = None,  # token budget per SAE (default SWEEP_DEFAULTS / FAST_DEFAULTS)
+              d_sae: int | None = None,   # latents per SAE (default D_SAE_FACTOR * d_in)
               device: str = "auto",       # "auto", "cpu", "cuda", ...
               out_dir=None,               # where the SAEs and the activation cache go (None: a temporary cache, nothing kept)
-              fast: bool = False,         # small smoke-test settings (FAST_DEFAULTS)
-              progress: bool = True,      # tqdm bars
-              seed: int = 0,              # seeds the tokens, the shuffles and the SAEs
-              table: dict | None = None,  # sparsity calibration (default SPARSITY_TABLE)
-              knobs: dict | None = None,  # explicit runs instead of targets: {variant: [sae_kwargs, ...]} (used by `calibrate`)
-              **settings,                 # batch_size, lr, n_train_seq, n_eval_seq, ctx: override the defaults
+              fast: bool = False,         # a smoke test: tiny settings (FAST_DEFAULTS), numbers without meaning
+              progress: bool = True,      # tqdm bars and one line per SAE
+              seed: int = 0,              # the first seed: tokens, shuffles and SAE initialisations derive from it
+              **settings,                 # batch_size, n_train_seq, n_heldout_seq, n_eval_seq, ctx, eval_every
              ) -> pd.DataFrame:
-    "Train one SAE per (variant, L0 target) on `model`'s activations at `hook_name`; one row of held-out metrics per SAE."
+    "Train `seeds` SAEs per (variant, L0 target) on `model`'s activations at `hook_name`, each at its variant's picked lr; one row of held-out metrics per SAE."
     t_start = time.perf_counter()
     defaults = {**SWEEP_DEFAULTS, **(FAST_DEFAULTS if fast else {})}
-    unknown = sorted(set(settings) - set(SWEEP_DEFAULTS))
-    if unknown: raise ValueError(f"run_sweep: unknown setting(s) {unknown}; known: {sorted(SWEEP_DEFAULTS)}")
+    known = set(SWEEP_DEFAULTS) - {"total_tokens", "seeds"}
+    unknown = sorted(set(settings) - known)
+    if unknown: raise ValueError(f"run_sweep: unknown setting(s) {unknown}; known: {sorted(known)}")
     s = {k: settings.get(k, defaults[k]) for k in SWEEP_DEFAULTS}
     if total_tokens is not None: s["total_tokens"] = total_tokens
-    l0_targets = tuple(l0_targets if l0_targets is not None else defaults.get("l0_targets", DEFAULT_L0_TARGETS))
+    if seeds is not None: s["seeds"] = seeds
+    l0_targets = tuple(sorted(l0_targets if l0_targets is not None else defaults.get("l0_targets", DEFAULT_L0_TARGETS)))
+    lr_grid = tuple(lr_grid if lr_grid is not None else defaults.get("lr_grid", LR_GRID))
     variants = tuple([variants] if isinstance(variants, str) and variants in VARIANTS else variants)
-    for name in ("total_tokens", "batch_size", "n_train_seq", "n_eval_seq", "ctx"): _check_positive_int(name, s[name])
+    for name in ("total_tokens", "batch_size", "n_train_seq", "n_heldout_seq", "n_eval_seq", "ctx", "seeds", "eval_every"):
+        _check_positive_int(name, s[name])
     if s["total_tokens"] < s["batch_size"]:
         raise ValueError(f"total_tokens: expected at least batch_size={s['batch_size']}, got {s['total_tokens']}")
     if d_sae is not None: _check_positive_int("d_sae", d_sae)
-    if knobs is None:
-        lm = check_sweep_options(model, hook_name, variants, l0_targets, device)
-        runs = [(v, t, sparsity_kwargs(v, t, table)) for v in variants for t in l0_targets]
-    else:
-        lm = check_sweep_options(model, hook_name, tuple(knobs), (1,), device)
-        runs = [(v, None, dict(kw)) for v, kws in knobs.items() for kw in kws]
+    if not lr_grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lr_grid):
+        raise ValueError(f"lr_grid: expected a non-empty list of positive learning rates, got {lr_grid!r}")
+    lm = check_sweep_options(model, hook_name, variants, l0_targets, device)
     device = resolve_device(device)
-    d_in = None
     train_tokens = sweep_tokens(lm, s["n_train_seq"], s["ctx"], seed=seed, split="train")
     eval_tokens = sweep_tokens(lm, s["n_eval_seq"], s["ctx"], seed=seed + 1, split="val")
+    held_out = hook_activations(lm, sweep_tokens(lm, s["n_heldout_seq"], s["ctx"], seed=seed + 2, split="val"), hook_name)
+    d_in = held_out.shape[-1]
+    width = d_sae if d_sae is not None else D_SAE_FACTOR * d_in
+    if max(l0_targets) > width: raise ValueError(f"l0_targets: {max(l0_targets)} is more than d_sae={width}")
+    pick_target = l0_targets[(len(l0_targets) - 1) // 2]    # the lr is picked at the middle target (the lower of two)
 
     tmp = tempfile.TemporaryDirectory(prefix="sae_nb_sweep_") if out_dir is None else nullcontext(None)
     with tmp as tmp_dir:
         root = Path(out_dir if out_dir is not None else tmp_dir)
-        cache = root / "activations"
-        rows = []
-        for i, (variant, target, kw) in enumerate(runs):
-            store = ActivationStore(lm, hook_name, train_tokens, batch_size=s["batch_size"], cache_dir=cache,
-                                    seed=seed, progress=progress)
-            d_in = store.d_in
-            width = d_sae if d_sae is not None else 8 * d_in
-            if "k" in kw and kw["k"] > width: raise ValueError(f"l0_targets: {kw['k']} is more than d_sae={width}")
-            name = f"{variant}_l0_{target}" if target is not None else f"{variant}_{i}"
-            if progress: print(f"[{i + 1}/{len(runs)}] {name}: {kw}", flush=True)
-            sae, history, row = train_and_evaluate(variant, kw, store, lm, hook_name, eval_tokens, width, s["total_tokens"],
-                                                   s["batch_size"], s["lr"], seed, device, progress, _model_label(model))
-            if out_dir is not None: sae.save(root / "saes" / name)
-            rows.append({"name": name, "l0_target": target, **row})
-    df = pd.DataFrame(rows)
+        common = dict(model=lm, hook_name=hook_name, eval_tokens=eval_tokens, d_sae=width, total_tokens=s["total_tokens"],
+                      batch_size=s["batch_size"], held_out=held_out, device=device, progress=progress,
+                      model_name=_model_label(model), eval_every=s["eval_every"])
+
+        def run(variant, target, lr, i, keep=True):
+            "Train and evaluate one SAE (seed index i); save it if `keep` and the sweep keeps its outputs; (row, sae)."
+            store = ActivationStore(lm, hook_name, train_tokens, batch_size=s["batch_size"], cache_dir=root / "activations",
+                                    seed=seed + i, progress=progress)
+            sae, result, row = train_and_evaluate(variant, target, store, lr=lr, seed=seed + i, **common)
+            row["name"] = f"{variant}_l0_{target}_seed{seed + i}"
+            if out_dir is not None and keep: sae.save(root / "saes" / row["name"])
+            if progress:
+                print(f"{row['name']} lr {lr:g}: L0 {row['l0']:.2f} FVU {row['fvu']:.4f} ΔCE {row['delta_ce']:.4f} "
+                      f"({row['tokens']:,} tokens, {row['train_seconds']:.0f} s){'; ' + row['flags'] if row['flags'] else ''}",
+                      flush=True)
+            return row, sae
+
+        rows, picks = [], []
+        for variant in variants:
+            grid = {lr: run(variant, pick_target, lr, 0, keep=False) for lr in lr_grid}   # the lr pick, on held-out FVU
+            best = min(grid, key=lambda lr: grid[lr][0]["heldout_fvu"])
+            picks += [dict(variant=variant, lr=lr, l0_target=pick_target, heldout_fvu=r["heldout_fvu"], l0=r["l0"],
+                           tokens=r["tokens"], picked=lr == best) for lr, (r, _) in grid.items()]
+            row, sae = grid[best]
+            if out_dir is not None: sae.save(root / "saes" / row["name"])
+            rows.append(row)
+            rows += [run(variant, t, best, i)[0] for t in l0_targets for i in range(s["seeds"]) if (t, i) != (pick_target, 0)]
+    df = pd.DataFrame(rows).sort_values(["variant", "l0_target", "seed"], key=lambda c: c.map(
+        {v: j for j, v in enumerate(variants)}) if c.name == "variant" else c).reset_index(drop=True)
     df = df[[c for c in ROW_COLUMNS if c in df.columns] + [c for c in df.columns if c not in ROW_COLUMNS]]
     df.attrs["config"] = dict(model=_model_label(model), hook_name=hook_name, variants=list(variants),
-                              l0_targets=list(l0_targets), d_in=d_in, d_sae=d_sae or 8 * d_in, device=device, fast=fast,
-                              seed=seed, torch_threads=torch.get_num_threads(), **s)
+                              l0_targets=list(l0_targets), lr_grid=list(lr_grid), lr_pick_target=pick_target, d_in=d_in,
+                              d_sae=width, device=device, fast=fast, seed=seed, torch_threads=torch.get_num_threads(),
+                              converge_tol=TrainConfig.converge_tol, converge_window=TrainConfig.converge_window, **s)
+    df.attrs["lr_pick"] = picks
     df.attrs["wall_seconds"] = time.perf_counter() - t_start
     return df
 
-# %% ../nbs/08a_sweep.ipynb #2abb796b
-def calibrate(variant: str,               # "relu", "gated" or "jumprelu"
-              values,                     # knob values to try
-              model="default", hook_name: str = DEFAULT_HOOK,
-              table: dict | None = None,  # where the knob's name and fixed fields come from (default SPARSITY_TABLE)
-              **kw,                       # passed to `run_sweep` (total_tokens, d_sae, fast, settings...)
-             ) -> tuple[dict, pd.DataFrame]:
-    "Train `variant` at each knob value; return ({measured L0: value}, the sweep's DataFrame)."
-    table = SPARSITY_TABLE if table is None else table
-    if variant not in table: raise ValueError(f"variant: expected one of {sorted(table)}, got {variant!r}")
-    knob, fixed, _ = table[variant]
-    values = [float(v) for v in values]
-    df = run_sweep(model, hook_name, knobs={variant: [{**fixed, knob: v} for v in values]}, **kw)
-    return {round(float(l), 2): v for l, v in zip(df.l0, values)}, df
 
-# %% ../nbs/08a_sweep.ipynb #0584b03a
-REPORT_COLUMNS = ("variant", "l0_target", "l0", "fvu", "explained_variance", "l2_ratio", "dead_fraction",
-                  "dense_fraction", "ce_clean", "ce_spliced", "delta_ce", "ce_loss_recovered", "spliced_kl", "train_seconds")
+# %% ../nbs/08a_sweep.ipynb #709734d1
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    "One row per (variant, L0 target): the mean over seeds of each metric, the FVU's and ΔCE's spread, and the flags."
+    g = df.groupby(["variant", "l0_target"], sort=False)
+    out = g.agg(seeds=("seed", "size"), lr=("lr", "first"), l0=("l0", "mean"), fvu=("fvu", "mean"), fvu_min=("fvu", "min"),
+                fvu_max=("fvu", "max"), delta_ce=("delta_ce", "mean"), delta_ce_min=("delta_ce", "min"),
+                delta_ce_max=("delta_ce", "max"), ce_loss_recovered=("ce_loss_recovered", "mean"),
+                l2_ratio=("l2_ratio", "mean"), dead_fraction=("dead_fraction", "mean"),
+                converged=("converged", lambda c: f"{int(sum(v is True for v in c))}/{len(c)}"),
+                flags=("flags", lambda f: "; ".join(sorted({x for v in f for x in v.split("; ") if x}))))
+    return out.reset_index()
+
+
+def anchor_checks(df: pd.DataFrame) -> pd.DataFrame:
+    "The published orderings at each L0 target, over seeds: TopK, BatchTopK and JumpReLU below ReLU-L1 in FVU and ΔCE; BatchTopK not above TopK."
+    claims = [(v, "relu", "beats") for v in ("topk", "batchtopk", "jumprelu")] + [("batchtopk", "topk", "at least as good as")]
+    rows = []
+    for target, at in df.groupby("l0_target"):
+        for a, b, verb in claims:
+            A, B = at[at.variant == a], at[at.variant == b]
+            if A.empty or B.empty: continue
+            for metric in ("fvu", "delta_ce"):
+                ma, mb = A[metric].mean(), B[metric].mean()
+                if verb == "beats":        # below on average, and every seed of A below every seed of B
+                    holds, beyond = ma < mb, A[metric].max() < B[metric].min()
+                else:                      # not above on average, or at least not above beyond the spread
+                    holds, beyond = ma <= mb, A[metric].min() <= B[metric].max()
+                rows.append(dict(l0_target=target, claim=f"{a} {verb} {b}", metric=metric, a_mean=ma, b_mean=mb,
+                                 holds_on_mean=bool(holds), holds_over_seeds=bool(beyond)))
+    return pd.DataFrame(rows)
+
+
+# %% ../nbs/08a_sweep.ipynb #1b9a2a59
+REPORT_COLUMNS = ("name", "variant", "l0_target", "seed", "lr", "l0", "fvu", "l2_ratio", "dead_fraction", "dense_fraction",
+                  "delta_ce", "ce_loss_recovered", "spliced_kl", "converged", "tokens", "sparsity_coefficient", "flags",
+                  "train_seconds")
+
+COLUMN_NOTES = {   # one sentence per column of the report's tables
+    "name": "the SAE's directory under `saes/`.",
+    "variant": "the SAE variant (see `sae_nb.sae`).",
+    "l0_target": "the L0 it was trained to: k for TopK and BatchTopK; for ReLU-L1, Gated and JumpReLU the sparsity "
+                 "coefficient was steered to reach it, then held fixed for the final learning-rate decay.",
+    "seed": "the seed of its initialisation and of its data order.",
+    "seeds": "how many seeds the row averages over.",
+    "lr": "Adam's peak learning rate, picked per variant from the grid (see 'Learning rates').",
+    "l0": "measured L0: mean number of active latents per held-out token, at inference (BatchTopK with its learned threshold).",
+    "fvu": "fraction of variance unexplained on held-out tokens: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (lower is better).",
+    "fvu_min": "the lowest FVU over the seeds.",
+    "fvu_max": "the highest FVU over the seeds.",
+    "l2_ratio": "mean ||x_hat|| / ||x||: below 1, the SAE shrinks its reconstructions.",
+    "dead_fraction": "share of the latents that never fired on the held-out tokens.",
+    "dense_fraction": "share of the latents that fired on more than 10% of the held-out tokens.",
+    "delta_ce": "ΔCE = spliced CE - clean CE, the next-token loss the SAE adds when spliced in, in nats per token "
+                "(a token is a byte on the default model); lower is better.",
+    "delta_ce_min": "the lowest ΔCE over the seeds.",
+    "delta_ce_max": "the highest ΔCE over the seeds.",
+    "ce_loss_recovered": "(CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): 1 is perfect, 0 no better than zeros.",
+    "spliced_kl": "KL(clean || spliced) of the next-token distributions, nats per token.",
+    "converged": "whether the held-out FVU plateaued (see 'Convergence') before the token budget ran out (per row, or "
+                 "seeds that did / seeds).",
+    "tokens": "training tokens the SAE saw (the budget, or fewer when it converged first).",
+    "sparsity_coefficient": "the steered L1 (ReLU-L1, Gated) or L0 (JumpReLU) coefficient it ended with.",
+    "flags": "problems: L0 more than 10% off its target, FVU above 1, not converged, or more than half the latents dead.",
+    "train_seconds": "wall time of its training.",
+}
 
 
 def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
@@ -278,40 +334,85 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
 
 def _json_value(v):
     if isinstance(v, (np.integer,)): return int(v)
+    if isinstance(v, (np.bool_,)): return bool(v)
     if isinstance(v, (np.floating, float)): return None if not math.isfinite(v) else float(v)
     return v
 
 
-def write_report(df: pd.DataFrame,   # the DataFrame from `run_sweep` (its attrs carry the config and the wall time)
+def _notes(columns) -> list[str]:
+    return [f"- `{c}`: {COLUMN_NOTES[c]}" for c in columns if c in COLUMN_NOTES]
+
+
+def write_report(df: pd.DataFrame,   # the DataFrame from `run_sweep` (its attrs carry the config, lr picks and wall time)
                  out_dir,            # directory to write into (created if missing)
                 ) -> Path:
     "Write report.md, metrics.json and the two Pareto PNGs into `out_dir`; returns the path of report.md."
     import matplotlib.pyplot as plt
     from sae_nb.plots import plot_pareto
-    missing = [c for c in ("variant", "l0", "fvu", "delta_ce") if c not in df.columns]
+    missing = [c for c in ("variant", "l0_target", "seed", "l0", "fvu", "delta_ce", "flags") if c not in df.columns]
     if missing: raise ValueError(f"df: expected run_sweep's columns, missing {missing}")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    config, wall = df.attrs.get("config", {}), df.attrs.get("wall_seconds")
+    config, wall, picks = df.attrs.get("config", {}), df.attrs.get("wall_seconds"), df.attrs.get("lr_pick", [])
+    fast = bool(config.get("fast"))
+    smoke = "SMOKE TEST (--fast): tiny budgets, numbers without meaning. " if fast else ""
     figures = {"pareto_fvu_l0.png": ("fvu", "FVU vs L0: reconstruction error at each sparsity"),
-               "pareto_delta_ce_l0.png": ("delta_ce", "ΔCE vs L0: language-model loss added by splicing the SAE in")}
+               "pareto_delta_ce_l0.png": ("delta_ce", "ΔCE vs L0: next-token loss added by splicing the SAE in")}
     for fname, (y, title) in figures.items():
-        ax = plot_pareto(df, y=y, title=title)
+        ax = plot_pareto(df, y=y, group="l0_target", title=(smoke + title) if fast else title)
         ax.figure.savefig(out / fname, dpi=120)
         plt.close(ax.figure)
+    summary, anchors = summarise(df), anchor_checks(df)
     records = [{k: _json_value(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-    (out / "metrics.json").write_text(json.dumps({"config": config, "wall_seconds": wall, "runs": records}, indent=1))
-    cols = [c for c in REPORT_COLUMNS if c in df.columns]
-    md = [f"# SAE L0 sweep: {config.get('model', '?')} at {config.get('hook_name', '?')}", "",
-          f"{len(df)} SAEs ({', '.join(dict.fromkeys(df.variant))}) trained on the same cached activations and evaluated "
-          f"on held-out tokens. L0 is the measured mean number of active latents per token (not the target); "
-          f"FVU the fraction of variance unexplained; ΔCE = spliced CE − clean CE in nats per token.", "",
+    (out / "metrics.json").write_text(json.dumps({"config": config, "wall_seconds": wall, "lr_pick": picks,
+                                                  "anchors": anchors.to_dict(orient="records"), "runs": records}, indent=1))
+    flagged = df[df["flags"] != ""]
+    seeds, budget = config.get("seeds", df.seed.nunique()), config.get("total_tokens")
+    title = f"# {smoke}SAE L0 sweep: {config.get('model', '?')} at {config.get('hook_name', '?')}"
+    failed = anchors[~anchors.holds_over_seeds] if len(anchors) else anchors
+    md = [title, "",
+          (f"**This is a smoke test.** It runs every step of the sweep with a few thousand tokens per SAE, to check that "
+           f"the pipeline works; its numbers say nothing about the variants. Run `sae-nb sweep` without `--fast` for "
+           f"results.\n" if fast else "") +
+          f"{len(df)} SAEs ({', '.join(dict.fromkeys(df.variant))}; {seeds} seed(s) per L0 target) trained on the same "
+          f"cached activations with the same token budget ({budget:,} tokens), each variant at the learning rate it "
+          f"did best with, and evaluated on held-out tokens (files of the corpus that training never saw).", "",
           (f"Wall time: {wall:.1f} s" if wall is not None else "Wall time: not recorded") +
           f" ({platform.machine()}, {config.get('torch_threads', torch.get_num_threads())} torch threads, "
           f"device {config.get('device', '?')}).", "",
-          "## Pareto frontier", "", "![FVU vs L0](pareto_fvu_l0.png)", "", "![ΔCE vs L0](pareto_delta_ce_l0.png)", "",
-          "## Results", "", markdown_table(df[cols]), "",
+          "## Pareto frontier", "",
+          "Each point is the mean over seeds at one L0 target; the bars span the seeds' lowest and highest values.", "",
+          "![FVU vs L0](pareto_fvu_l0.png)", "", "![ΔCE vs L0](pareto_delta_ce_l0.png)", "",
+          "## The published orderings", "",
+          "At each L0 target: do TopK, BatchTopK and JumpReLU beat ReLU-L1 (Gao et al. 2024, Bussmann et al. 2024, "
+          "Rajamanoharan et al. 2024), and is BatchTopK at least as good as TopK (Bussmann et al. 2024)? "
+          "`holds_on_mean` compares the means over seeds; `holds_over_seeds` asks more: for 'beats', every seed of the "
+          "first variant is below every seed of the second; for 'at least as good as', the first variant's best seed is "
+          "not above the second's worst.", "",
+          markdown_table(anchors) if len(anchors) else "(the sweep did not train the variants these claims compare)", "",
+          ("Every claim holds over the seeds." if len(anchors) and failed.empty else
+           "Not reproduced over the seeds here: " + "; ".join(f"{r.claim} in {r.metric} at L0 {r.l0_target}"
+                                                               for r in failed.itertuples()) + "."
+           if len(anchors) else ""), "",
+          "## Summary over seeds", "", markdown_table(summary), "", *_notes(summary.columns), "",
+          "## Flags", "",
+          ("No row is flagged." if flagged.empty else
+           "\n".join(f"- `{r.name}`: {r.flags}" for r in flagged.itertuples())), "",
+          "## Learning rates", "",
+          f"Each variant was trained at every learning rate of the grid {config.get('lr_grid')} at L0 "
+          f"{config.get('lr_pick_target')} (seed {config.get('seed')}), with the same token budget; the one with the "
+          f"lowest held-out FVU (on held-out activations apart from the final evaluation's) was used for all its SAEs.", "",
+          markdown_table(pd.DataFrame(picks)) if picks else "", "",
+          "## Convergence", "",
+          f"Every {config.get('eval_every')} steps each SAE's FVU is measured on held-out activations. It counts as "
+          f"converged once that FVU has fallen by less than {config.get('converge_tol', 0):.0%} over the last "
+          f"{config.get('converge_window', 0):.0%} of its steps (and, for the steered variants, its held-out L0 is within "
+          f"5% of the target); the learning rate then decays to 0 over a final fifth of the run. An SAE that reaches "
+          f"the budget first is marked 'not converged'.", "",
+          "## All SAEs", "", markdown_table(df[[c for c in REPORT_COLUMNS if c in df.columns]]), "",
+          *_notes([c for c in REPORT_COLUMNS if c in df.columns]), "",
           "## Config", "", "```json", json.dumps(config, indent=1), "```", "",
           "Files: `metrics.json` (these numbers), `saes/<name>/` (each SAE: model.safetensors + config.json, "
           "`SAE.load(dir)`), `activations/` (the cached training activations).", ""]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"
+

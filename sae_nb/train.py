@@ -27,13 +27,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .losses import CROSS_SAMPLE_PENALTIES
-from .sae import SAE, VARIANTS, make_sae
+from .metrics import eval_mode
+from .sae import SAE, VARIANTS, init_jumprelu_thresholds, make_sae
 
 # %% auto #0
-__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'DENSE_FRACTION', 'RESUME_FREE_FIELDS', 'TrainConfig',
-           'validate_config', 'resolve_config', 'ramp', 'lr_factor', 'BatchStream', 'save_checkpoint',
-           'load_checkpoint', 'TrainResult', 'TrainingLoss', 'retain_freed_memory', 'make_optimizer',
-           'match_state_layout', 'StepResult', 'train_step', 'count_firing', 'train']
+__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'DENSE_FRACTION', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',
+           'STEER_TOLERANCE', 'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp',
+           'lr_factor', 'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint', 'TrainResult',
+           'TrainingLoss', 'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult', 'train_step',
+           'count_firing', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
@@ -54,16 +56,26 @@ class TrainConfig:
     aux_k: int | None = None               # TopK family: latents in the AuxK reconstruction
     aux_coefficient: float | None = None   # TopK family: weight of the AuxK loss
     sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field, passed to make_sae
+    target_l0: float | None = None         # aim at this L0: k for the TopK family; relu, gated, jumprelu: the steered coefficient
+    l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * clip(log(L0 / target_l0), -1, 1)
+    l0_steer_start: float = 0.1            # the steered coefficient starts at this times its configured value
     # the data and the optimiser
-    total_tokens: int = 1_000_000          # tokens to train on (steps = total_tokens // batch_size)
+    normalise: bool = True                 # train on x * act_scale with mean squared norm d_in (the SAE keeps act_scale)
+    total_tokens: int = 1_000_000          # token budget (steps = total_tokens // batch_size; fewer if it converges first)
     batch_size: int = 4096                 # global batch, in tokens (rows)
-    lr: float = 1e-3                       # Adam's peak learning rate
+    lr: float = 3e-3                       # Adam's peak learning rate
+    threshold_lr_scale: float = 10.0       # jumprelu: the log-thresholds' lr is this times `lr` (see "Learning rates")
     lr_warmup_steps: int = 0               # linear warm-up of the learning rate over the first steps
-    lr_decay: float = 0.2                  # fraction of the steps, at the end, over which the lr decays linearly to 0
+    lr_decay: float = 0.2                  # fraction of the run, at its end, over which the lr decays linearly to 0
     sparsity_warmup_steps: int = 0         # linear warm-up of the sparsity coefficient (L1/L0 variants)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0          # clip the gradient's global norm (None: no clipping)
     b_dec_init: str | None = "geometric_median"  # start b_dec at the first batch's "geometric_median", "mean", or None
+    # held-out evaluation and convergence (used when `train` is given held-out activations)
+    eval_every: int = 50                   # steps between evaluations of the held-out FVU and L0
+    stop_when_converged: bool = True       # start the final lr decay once the held-out FVU has plateaued
+    converge_tol: float = 0.02             # plateau: the held-out FVU fell by less than this fraction ...
+    converge_window: float = 0.25          # ... over the last this fraction of the steps taken so far
     # dead latents and the cross-sample penalties
     dead_tokens_threshold: int = 1_000_000  # a latent is dead if it fired on none of the last N tokens
     cross_sample_penalty: str | None = None  # None or a key of sae_nb.losses.CROSS_SAMPLE_PENALTIES
@@ -101,8 +113,15 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         if v is not None and not (_is_number(v) and v >= 0): bad(name, "a finite number >= 0 or None")
     if cfg.bandwidth is not None and not (_is_number(cfg.bandwidth) and cfg.bandwidth > 0): bad("bandwidth", "a number > 0 or None")
+    if cfg.target_l0 is not None:
+        if not (_is_number(cfg.target_l0) and cfg.target_l0 > 0): bad("target_l0", "a number > 0 (an L0) or None")
+        if VARIANTS[cfg.variant].uses_k and int(cfg.target_l0) != cfg.target_l0:
+            bad("target_l0", f"an integer for the {cfg.variant!r} variant (it becomes k)")
+        if cfg.d_sae is not None and cfg.target_l0 > cfg.d_sae: bad("target_l0", f"at most d_sae={cfg.d_sae}")
+    if not (_is_number(cfg.l0_steer_rate) and cfg.l0_steer_rate >= 0): bad("l0_steer_rate", "a finite number >= 0")
+    if not (_is_number(cfg.l0_steer_start) and cfg.l0_steer_start > 0): bad("l0_steer_start", "a finite number > 0")
     if not isinstance(cfg.sae_kwargs, dict): bad("sae_kwargs", "a dict of SAEConfig fields")
-    for name in ("total_tokens", "batch_size", "dead_tokens_threshold", "checkpoint_every", "log_every"):
+    for name in ("total_tokens", "batch_size", "dead_tokens_threshold", "checkpoint_every", "log_every", "eval_every"):
         v = getattr(cfg, name)
         if not (_is_int(v) and v >= 1): bad(name, "an int >= 1")
     if cfg.total_tokens < cfg.batch_size: bad("total_tokens", f"at least batch_size={cfg.batch_size} (one step)")
@@ -110,7 +129,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         if not (_is_int(v) and v >= 0): bad(name, "an int >= 0")
     if not (_is_number(cfg.lr) and cfg.lr > 0): bad("lr", "a finite number > 0")
-    if not (_is_number(cfg.lr_decay) and 0 <= cfg.lr_decay <= 1): bad("lr_decay", "a fraction of the steps in [0, 1]")
+    if not (_is_number(cfg.threshold_lr_scale) and cfg.threshold_lr_scale > 0): bad("threshold_lr_scale", "a finite number > 0")
+    if not (_is_number(cfg.lr_decay) and 0 <= cfg.lr_decay < 1): bad("lr_decay", "a fraction of the run in [0, 1)")
+    if not (_is_number(cfg.converge_tol) and cfg.converge_tol >= 0): bad("converge_tol", "a finite number >= 0")
+    if not (_is_number(cfg.converge_window) and 0 < cfg.converge_window < 1): bad("converge_window", "a fraction in (0, 1)")
     betas = cfg.adam_betas
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         bad("adam_betas", "two numbers in [0, 1)")
@@ -128,22 +150,24 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("checkpoint_dir", "history_path"):
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, (str, os.PathLike)): bad(name, "a path or None")
-    for name in ("progress", "retain_cpu_memory"):
+    for name in ("progress", "retain_cpu_memory", "normalise", "stop_when_converged"):
         if not isinstance(getattr(cfg, name), bool): bad(name, "a bool")
     return cfg
 
 
 def resolve_config(cfg: TrainConfig, source) -> TrainConfig:
-    "`cfg` validated, with `d_in` taken from the source when None and `d_sae` = 8 d_in when None."
+    "`cfg` validated, with `d_in` taken from the source (its `d_in`, or a tensor's width) when None, `d_sae` = 8 d_in when None, and k = `target_l0` for the TopK family."
     validate_config(cfg)
-    d_src = getattr(source, "d_in", None)
+    d_src = source.shape[-1] if isinstance(source, Tensor) and source.ndim else getattr(source, "d_in", None)
     if cfg.d_in is None and d_src is None:
         raise ValueError("TrainConfig.d_in: None, and the source has no `d_in`; set the width of its batches")
     if cfg.d_in is not None and d_src is not None and d_src != cfg.d_in:
         raise ValueError(f"source: expected d_in={cfg.d_in} (TrainConfig.d_in), got a source with d_in={d_src}")
     d_in = cfg.d_in if cfg.d_in is not None else int(d_src)
     cfg = dataclasses.replace(cfg, d_in=d_in, d_sae=cfg.d_sae if cfg.d_sae is not None else 8 * d_in)
-    return validate_config(cfg)  # k <= d_sae now that d_sae is known
+    if cfg.target_l0 is not None and VARIANTS[cfg.variant].uses_k:
+        cfg = dataclasses.replace(cfg, k=int(cfg.target_l0))   # the TopK family: the target is k
+    return validate_config(cfg)  # k and target_l0 <= d_sae now that d_sae is known
 
 # %% ../nbs/04_train.ipynb #4f78b007
 def ramp(step: int, n: int) -> float:
@@ -160,6 +184,25 @@ def lr_factor(step: int,           # t, the step about to be taken (0-based)
     decay_steps = int(decay * total_steps)
     down = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
     return min(ramp(step, warmup_steps), down)
+
+class LRSchedule:
+    "`lr_factor` as a callable for `LambdaLR` whose final decay can start early (at convergence); LambdaLR checkpoints its state."
+    def __init__(self, total_steps: int, warmup_steps: int, decay: float):
+        self.warmup_steps, self.decay = warmup_steps, decay
+        self.end = total_steps      # the run's length in steps: the decay reaches 0 there
+
+    def start_decay(self, step: int):
+        "Make `step` the start of the decay: the run then ends at `step / (1 - decay)` steps, so the decay is still `decay` of it."
+        self.end = min(self.end, max(step + 1, math.ceil(step / (1 - self.decay))))
+
+    @property
+    def decay_start(self) -> int:
+        "The first step of the final decay."
+        return self.end - int(self.decay * self.end)
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.end, self.warmup_steps, self.decay)
+
 
 # %% ../nbs/04_train.ipynb #91c2ce55
 class BatchStream:
@@ -285,10 +328,16 @@ def load_checkpoint(directory) -> dict | None:
     return _join_tensors(json.loads(meta["state"]), tensors)
 
 # %% ../nbs/04_train.ipynb #02feaab5
-class TrainResult(NamedTuple):
-    "What `train` returns."
-    sae: SAE        # the trained SAE (its cfg.act_scale set from the source's act_scale, if any)
-    history: list   # one dict per logged step: step, tokens, loss, mse, fvu, l0, sparsity, aux, lr, dead_fraction, ...
+@dataclass
+class TrainResult:
+    "What `train` returns; unpacks as `sae, history = train(...)`."
+    sae: SAE                 # the trained SAE (cfg.act_scale: its training units; a steered coefficient: its final value)
+    history: list            # one dict per logged step: step, tokens, loss, mse, fvu, l0, sparsity, aux, lr, ...
+    evals: list = field(default_factory=list)  # one dict per held-out evaluation: step, tokens, fvu, l0
+    converged: bool | None = None  # held-out FVU plateaued before the budget ran out (None: no held-out data)
+    steps: int = 0           # optimiser steps taken
+
+    def __iter__(self): return iter((self.sae, self.history))
 
 
 class TrainingLoss(nn.Module):
@@ -297,11 +346,13 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.sae, self.penalty, self.coefficient = sae, CROSS_SAMPLE_PENALTIES.get(penalty), coefficient
 
-    def forward(self, x: Tensor, dead_mask: Tensor, sparsity_scale: float):
+    def forward(self, x: Tensor, dead_mask: Tensor, sparsity_scale: float, cross_scale: float | None = None):
+        "(loss, terms, fired); `cross_scale` (default `sparsity_scale`) multiplies the cross-sample penalty."
         out = self.sae.training_loss(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
         loss, terms = out.loss, dict(out.terms)
         if self.penalty is not None:
-            cross = self.coefficient * sparsity_scale * self.penalty(out.latents)
+            scale = sparsity_scale if cross_scale is None else cross_scale
+            cross = self.coefficient * scale * self.penalty(out.latents)
             loss, terms["cross_sample"] = loss + cross, cross.detach()
         return loss, terms, out.fired
 
@@ -317,11 +368,14 @@ def retain_freed_memory() -> bool:
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
-    "Adam on the SAE's parameters; PyTorch's fused kernel (one pass per tensor, no temporaries) where it has one."
-    params = list(sae.parameters())
+    "Adam on the SAE's parameters (JumpReLU's log-thresholds at `threshold_lr_scale` times the lr); PyTorch's fused kernel where it has one."
+    named = list(sae.named_parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                for p in params)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+                for _, p in named)
+    groups = [{"params": [p for name, p in named if name != "log_threshold"]}]
+    thresholds = [p for name, p in named if name == "log_threshold"]
+    if thresholds: groups.append({"params": thresholds, "lr": cfg.lr * cfg.threshold_lr_scale})
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
 @torch.no_grad()
@@ -347,15 +401,16 @@ def train_step(model,           # a `TrainingLoss` (or DDP around one)
                opt, sched,      # the optimiser and its lr scheduler
                x: Tensor,       # [batch, d_in] float32 rows on the SAE's device
                dead_mask: Tensor,        # bool [d_sae]: the latents counted dead (AuxK)
-               sparsity_scale: float = 1.0,  # the sparsity warm-up factor
+               sparsity_scale: float = 1.0,  # multiplies the sparsity coefficient (warm-up and L0 steering)
                grad_clip: float | None = None,  # max gradient norm (None: no clipping)
                autocast=nullcontext(),   # the autocast context of the forward
                step: int = 0,            # the step's number, for error messages
+               cross_scale: float | None = None,  # multiplies the cross-sample penalty (default: sparsity_scale)
               ) -> StepResult:
     "One optimiser step of `train`: loss, backward, decoder-gradient projection, clipping, finiteness check, Adam, lr schedule, decoder renormalisation."
     sae = model.module.sae if isinstance(model, DDP) else model.sae
     with autocast:
-        loss, terms, fired = model(x, dead_mask, sparsity_scale)
+        loss, terms, fired = model(x, dead_mask, sparsity_scale, cross_scale)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()   # no-op unless the variant keeps unit-norm rows
@@ -400,12 +455,90 @@ def _check_resume_config(saved: dict, cfg: TrainConfig):
         raise ValueError(f"TrainConfig: checkpoint_dir={str(cfg.checkpoint_dir)!r} holds a run with another config "
                          f"({'; '.join(diff)}); use a new checkpoint_dir")
 
+# %% ../nbs/04_train.ipynb #c832e387
+STEER_DAMPING = 1.0   # K: the proportional part of the L0 controller (damps the integral part's oscillations)
+
+
+def steer(integral: float,    # u_t, the controller's integral part (the log of the factor, less its proportional part)
+          l0: float,          # the L0 measured on this step's batch
+          target: float,      # the L0 aimed at
+          rate: float,        # the integral gain g
+          damping: float = STEER_DAMPING,  # the proportional gain K
+         ) -> tuple[float, float]:
+    "One step of the L0 controller: (u + g e, u + g e + K e) with e = clip(log(L0 / target), -1, 1): the new integral and log factor."
+    error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))   # at most one e-fold of error counts
+    integral = min(30.0, max(-30.0, integral + rate * error))
+    return integral, integral + damping * error
+
+
+STEER_TOLERANCE = 0.05   # a steered run counts as converged only with its held-out L0 within 5% of the target
+JUMPRELU_INIT_DENSITY = 0.25   # steered JumpReLU: thresholds start where this share of the latents fires on the first batch
+
+
+@torch.no_grad()
+def heldout_metrics(sae: SAE,
+                    x: Tensor,               # [n, d_in] held-out activations (model units)
+                    batch_size: int = 4096,  # rows per forward pass
+                   ) -> dict:
+    "FVU (about the held-out mean) and L0 of `sae` in eval mode on the held-out rows `x`; the SAE's mode is restored."
+    p = sae.W_dec
+    sse = l0_sum = 0.0
+    with eval_mode(sae):
+        for xb in x.split(batch_size):
+            out = sae(xb.to(p.device, p.dtype))
+            sse += (out.x_hat - xb.to(p.device, p.dtype)).pow(2).sum().item()
+            l0_sum += (out.latents != 0).sum().item()
+    x = x.to(torch.float64)
+    return {"fvu": sse / (x - x.mean(0)).pow(2).sum().item(), "l0": l0_sum / len(x)}
+
+
+def plateaued(evals: list,      # held-out evaluations so far, dicts with "step" and "fvu", in order
+              step: int,        # the steps taken so far
+              window: float,    # w: look back over the last w * step steps
+              tol: float,       # relative improvement below which the FVU counts as flat
+             ) -> bool:
+    "Whether the held-out FVU fell by less than `tol` (relative) over the last `window` of the steps taken."
+    before = [e for e in evals if e["step"] <= (1 - window) * step]
+    if not before or len(evals) - len(before) < 3: return False   # too early: at least 3 evaluations in the window
+    return evals[-1]["fvu"] > (1 - tol) * before[-1]["fvu"]
+
+
 # %% ../nbs/04_train.ipynb #c2845d6f
+def training_scale(cfg: TrainConfig,  # a resolved config
+                   source,            # the training source (an ActivationStore knows its `act_scale`)
+                   first: Tensor,     # [batch_size, d_in] the first global batch, model units
+                  ) -> float:
+    "The run's act_scale: `sae_kwargs['act_scale']` if given; 1 if not `normalise`; else the source's `act_scale`, or sqrt(d_in / mean ||x||^2) of `first`."
+    if "act_scale" in cfg.sae_kwargs: return float(cfg.sae_kwargs["act_scale"])
+    if not cfg.normalise: return 1.0
+    known = getattr(source, "act_scale", None)
+    if isinstance(known, (int, float)) and not isinstance(known, bool) and math.isfinite(known) and known > 0:
+        return float(known)
+    mean_sq = first.double().pow(2).sum(-1).mean().item()
+    if not mean_sq > 0:
+        raise ValueError("source: the first batch is all zeros, so it has no scale; pass normalise=False or set act_scale")
+    return math.sqrt(cfg.d_in / mean_sq)
+
+
+def _check_held_out(x, d_in: int) -> Tensor | None:
+    "`x` as a float [n, d_in] tensor on the CPU, checked; None stays None."
+    if x is None: return None
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"held_out: expected a floating-point tensor [n, d_in], got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+    x = x.reshape(-1, x.shape[-1]) if x.ndim else x
+    if x.ndim != 2 or x.shape[1] != d_in or len(x) < 2:
+        raise ValueError(f"held_out: expected at least 2 rows of width d_in={d_in}, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all(): raise ValueError("held_out: contains NaN or inf values; expected finite activations")
+    return x
+
+
 def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
           source,            # ToyFeatures, ActivationStore, a tensor [n, d_in] or an iterable of [batch, d_in] tensors
+          held_out: Tensor | None = None,  # [n, d_in] held-out activations: evaluated every `eval_every` steps, for convergence
          ) -> TrainResult:
-    "Train an SAE on `source` as `cfg` says, resuming from `cfg.checkpoint_dir` if it holds a checkpoint."
+    "Train an SAE on `source` as `cfg` says (until its held-out FVU plateaus, with `held_out`), resuming from `cfg.checkpoint_dir`."
     cfg = resolve_config(cfg, source)
+    held_out = _check_held_out(held_out, cfg.d_in)
     stream = BatchStream(source, cfg.batch_size, cfg.d_in)
 
     # -- distributed: torchrun sets RANK; each rank trains on its slice of every global batch
@@ -426,96 +559,146 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     bf16 = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device_type == "cuda")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if device_type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()
+    if held_out is not None: held_out = held_out.to(device)
+
+    def next_batch(step: int) -> Tensor | None:
+        "The next global batch [batch_size, d_in] on the device, checked to be finite; None when the source runs out."
+        try: x = next(stream)
+        except StopIteration: return None
+        x = x.to(device, torch.float32, non_blocking=True)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"train: the input batch of step {step + 1} holds NaN or inf values; stopped, "
+                             f"the last checkpoint (if any) is kept")
+        return x
+
+    # -- the scale of the run: from the checkpoint, or from the source and its first batch
+    saved = load_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if saved is not None:
+        _check_resume_config(saved["config"], cfg)
+        first, act_scale = None, float(saved["sae_config"]["act_scale"])
+    else:
+        first = next_batch(0)
+        if first is None: raise ValueError("source: yielded no batch; nothing to train on")
+        act_scale = training_scale(cfg, source, first)
 
     # -- the SAE, the optimiser, the schedule, the counters
     sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
     sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
-    sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed, **{**sae_kw, **cfg.sae_kwargs}).to(device)
-    if getattr(source, "act_scale", None) is not None: sae.cfg.act_scale = float(source.act_scale)
+    sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed,
+                   **{**sae_kw, **cfg.sae_kwargs, "act_scale": act_scale}).to(device)
     sae.train()
+    coefficient = sae.variant.coefficient                     # the steered field (relu, gated: l1; jumprelu: l0)
+    steered = cfg.target_l0 is not None and coefficient is not None
+    base_coefficient = getattr(sae.cfg, coefficient) if coefficient else 0.0
     total_steps = cfg.total_tokens // cfg.batch_size
     opt = make_optimizer(sae, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total_steps,
-                                                           warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay))
+    schedule = LRSchedule(total_steps, cfg.lr_warmup_steps, cfg.lr_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # its state_dict carries the schedule's end
     tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # per latent
     window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)        # firings since the last log
-    step, window_tokens, history, done = 0, 0, [], False
+    step, window_tokens, history, evals, done = 0, 0, [], [], False
+    steer_integral = log_steer = math.log(cfg.l0_steer_start) if steered else 0.0   # the controller; log of its factor
+    converged = None                                          # held-out FVU plateaued? (None: not yet, or no held-out data)
 
     def checkpoint(done: bool):
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
         save_checkpoint(cfg.checkpoint_dir, {
-            "format": 1, "step": step, "total_steps": total_steps, "done": done, "config": _config_json(cfg),
+            "format": 2, "step": step, "total_steps": total_steps, "done": done, "config": _config_json(cfg),
             "sae": sae.state_dict(), "sae_config": asdict(sae.cfg), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "stream": stream.state_dict(), "rng": rng,
             "tokens_since_fired": tokens_since_fired, "window_fired": window_fired, "window_tokens": window_tokens,
-            "history": history})
+            "history": history, "evals": evals, "steer_integral": steer_integral, "log_steer": log_steer,
+            "converged": converged})
+
+    def result() -> TrainResult:
+        if steered:                                           # the SAE records the coefficient it ended with
+            sae.cfg = dataclasses.replace(sae.cfg, **{coefficient: base_coefficient * math.exp(log_steer)})
+        if held_out is not None and converged is None: return TrainResult(sae, history, evals, False, step)
+        return TrainResult(sae, history, evals, converged, step)
 
     # -- resume
-    saved = load_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if saved is not None:
-        _check_resume_config(saved["config"], cfg)
         sae.load_state_dict(saved["sae"])
-        sae.cfg.act_scale = float(saved["sae_config"]["act_scale"])
         opt.load_state_dict(saved["optimizer"]); sched.load_state_dict(saved["scheduler"])
         match_state_layout(opt)                               # the checkpoint stores contiguous moments
-        step, done, history = saved["step"], saved["done"], saved["history"]
+        step, done, history, evals = saved["step"], saved["done"], saved["history"], saved.get("evals", [])
+        log_steer, converged = saved.get("log_steer", 0.0), saved.get("converged")
+        steer_integral = saved.get("steer_integral", log_steer)
         tokens_since_fired.copy_(saved["tokens_since_fired"]); window_fired.copy_(saved["window_fired"])
         window_tokens = saved["window_tokens"]
         torch.set_rng_state(saved["rng"]["cpu"])
         if "cuda" in saved["rng"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         if not done: stream.load_state_dict(saved["stream"])
-    if done: return TrainResult(sae, history)
+    if done: return result()
     if master and cfg.history_path is not None:   # the history file restarts from the checkpoint's history
         Path(cfg.history_path).write_text("".join(json.dumps(h) + "\n" for h in history))
 
     loss_module = TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient)
     model = DDP(loss_module, device_ids=[torch.device(device).index] if device_type == "cuda" else None) if ddp else loss_module
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and master), desc=f"train {cfg.variant}")
-    while step < total_steps:
-        try: x = next(stream)
-        except StopIteration:
-            warnings.warn(f"train: the source ran out after {step} of {total_steps} steps; training stops there")
+    bar = tqdm(total=schedule.end, initial=step, disable=not (cfg.progress and master), desc=f"train {cfg.variant}")
+    while step < schedule.end:
+        x, first = (first, None) if first is not None else (next_batch(step), None)
+        if x is None:
+            warnings.warn(f"train: the source ran out after {step} of {schedule.end} steps; training stops there")
             break
-        x = x.to(device, torch.float32, non_blocking=True)   # [batch_size, d_in], the global batch
-        if not torch.isfinite(x).all():
-            raise ValueError(f"train: the input batch of step {step + 1} holds NaN or inf values; stopped, "
-                             f"the last checkpoint (if any) is kept")
-        if step == 0 and cfg.b_dec_init is not None: sae.init_b_dec(x, cfg.b_dec_init)   # same on every rank
+        if step == 0:                                          # the same on every rank: the whole global batch
+            if cfg.b_dec_init is not None: sae.init_b_dec(x, cfg.b_dec_init)
+            if steered and cfg.variant == "jumprelu":          # thresholds from the data, a quarter of the latents firing
+                init_jumprelu_thresholds(sae, x, max(cfg.target_l0, JUMPRELU_INIT_DENSITY * cfg.d_sae))
         x = x[shard]                                           # this rank's rows
         lr = opt.param_groups[0]["lr"]
-        sparsity_scale = ramp(step, cfg.sparsity_warmup_steps)
+        warm = ramp(step, cfg.sparsity_warmup_steps)
+        sparsity_scale = warm * math.exp(log_steer)
         dead_mask = tokens_since_fired >= cfg.dead_tokens_threshold
 
         loss, terms, fired, grad_norm = train_step(model, opt, sched, x, dead_mask, sparsity_scale, cfg.grad_clip,
-                                                   autocast, step)
+                                                   autocast, step, cross_scale=warm)
         step += 1
 
-        # -- dead and dense latents, counted over the global batch
+        # -- dead and dense latents, counted over the global batch; the L0 controller
         if ddp: dist.all_reduce(fired)                         # fired: [d_sae] firings of each latent in this shard
         count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
+        l0_batch = fired.sum().item() / cfg.batch_size
+        if steered and step < schedule.decay_start:           # steer while the lr is constant, then hold
+            steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0, cfg.l0_steer_rate)
 
-        if step % cfg.log_every == 0 or step == total_steps:
+        # -- held-out evaluation; a plateau starts the final decay
+        row_extra = {}
+        if held_out is not None and (step % cfg.eval_every == 0 or step == schedule.end):
+            e = {"step": step, "tokens": step * cfg.batch_size, **heldout_metrics(sae, held_out)}
+            evals.append(e)
+            row_extra = {"heldout_fvu": e["fvu"], "heldout_l0": e["l0"]}
+            on_target = not steered or abs(e["l0"] / cfg.target_l0 - 1) <= STEER_TOLERANCE
+            if (cfg.stop_when_converged and converged is None and step < schedule.decay_start and on_target
+                    and plateaued(evals, step, cfg.converge_window, cfg.converge_tol)):
+                converged = True
+                schedule.start_decay(step)
+                for g, base in zip(opt.param_groups, sched.base_lrs): g["lr"] = base * schedule(step)
+                bar.total = schedule.end
+
+        if step % cfg.log_every == 0 or step == schedule.end or row_extra:
             names = list(terms)
             values = torch.stack([loss.detach().float(), *(terms[n].float() for n in names)])
             if ddp: dist.all_reduce(values); values /= world
             frequency = window_fired.float() / window_tokens
             row = {"step": step, "tokens": step * cfg.batch_size, **dict(zip(["loss", *names], values.tolist())),
-                   "l0": fired.sum().item() / cfg.batch_size, "lr": lr, "sparsity_scale": sparsity_scale,
-                   "grad_norm": grad_norm.item(),
+                   "l0": l0_batch, "lr": lr, "sparsity_scale": sparsity_scale,
+                   "sparsity_coefficient": base_coefficient * sparsity_scale, "grad_norm": grad_norm.item(),
                    "dead_fraction": (tokens_since_fired >= cfg.dead_tokens_threshold).float().mean().item(),
                    "dense_fraction": (frequency > DENSE_FRACTION).float().mean().item(),
-                   "dense_fraction_50": (frequency > 0.5).float().mean().item()}
+                   "dense_fraction_50": (frequency > 0.5).float().mean().item(), **row_extra}
             history.append(row)
             window_fired.zero_(); window_tokens = 0
             if master and cfg.history_path is not None:
                 with open(cfg.history_path, "a") as f: f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
         bar.update(1)
-        if master and cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0 and step < total_steps:
+        if master and cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0 and step < schedule.end:
             checkpoint(done=False)
 
     bar.close()
     if master and cfg.checkpoint_dir is not None: checkpoint(done=True)
-    return TrainResult(sae, history)
+    return result()
+

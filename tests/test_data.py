@@ -157,11 +157,10 @@ def test_store_shapes_and_iteration(model, tokens):
 
 def test_store_act_scale_mean_sq_norm(model, tokens):
     store = make(model, tokens, n_norm_tokens=40 * 16)  # estimate on the whole epoch
-    rows = torch.cat(take(store, 10))  # 640 rows of the 640-token epoch, reshuffled
-    assert abs(rows.pow(2).sum(1).mean().item() / store.d_in - 1) < 0.1
-    raw = make(model, tokens, normalise=False)
-    assert raw.act_scale == 1.0
-    assert store.act_scale == pytest.approx((16 / raw.mean_sq_norm) ** 0.5, rel=0.2)
+    rows = torch.cat(take(store, 10))  # 640 rows of the 640-token epoch, reshuffled: the model's units
+    assert store.act_scale == pytest.approx((16 / store.mean_sq_norm) ** 0.5)
+    assert rows.pow(2).sum(1).mean().item() == pytest.approx(store.mean_sq_norm, rel=0.1)   # not rescaled
+    assert abs((store.act_scale * rows).pow(2).sum(1).mean().item() / store.d_in - 1) < 0.1   # training units: d_in
 
 
 def test_store_deterministic_for_seed(model, tokens):

@@ -31,10 +31,9 @@ def _act_scale(model, tokens):
 
 @pytest.fixture(scope="module")
 def mse_sae(model, tokens):
-    "A TopK SAE trained for 60 Adam steps on MSE on the hook's normalised activations."
+    "A TopK SAE trained for 60 Adam steps on MSE on the hook's activations (computing in its training units)."
     torch.manual_seed(0)
-    x, scale = _act_scale(model, tokens)
-    x = x * scale
+    x, scale = _act_scale(model, tokens)          # x in the model's units: the SAE scales it inside
     sae = make_sae("topk", d_in=x.shape[1], d_sae=256, k=8, seed=0, act_scale=scale, hook_name=HOOK)
     sae.init_b_dec(x)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)

@@ -86,10 +86,10 @@ def test_act_scale_folded_and_unfolded(tmp_path):
     sae, x = trained_like("topk", act_scale=s), rows()
     config, state = to_saelens(sae)
     assert config["normalize_activations"] == "none" and config["metadata"]["sae_nb"]["act_scale_folded"]
-    foreign = from_saelens({**config, "metadata": {}}, state).eval()       # read as SAELens would: raw units
+    foreign = from_saelens({**config, "metadata": {}}, state).eval()       # read as SAELens would: the scale folded in
     assert foreign.cfg.act_scale == 1.0
-    assert torch.allclose(foreign.encode(x / s), sae.encode(x), atol=1e-5)
-    assert torch.allclose(foreign(x / s).x_hat, sae(x).x_hat / s, atol=1e-5)
+    assert torch.allclose(foreign.encode(x), sae.encode(x), atol=1e-5)     # both read and write the model's units
+    assert torch.allclose(foreign(x).x_hat, sae(x).x_hat, atol=1e-5)
     save_saelens(sae, tmp_path)
     back = load_saelens(tmp_path).eval()
     assert back.cfg.act_scale == s and torch.allclose(back(x).x_hat, sae(x).x_hat, atol=1e-6)
@@ -231,8 +231,7 @@ def test_saelens_itself_reads_ours_and_we_read_theirs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for name, sae in ours.items():
         out = load_file(str(tmp_path / "ours" / name / "out.safetensors"))
-        s = sae.cfg.act_scale                                   # SAELens reads raw activations: ours read x * s
-        f, x_hat = sae.encode(x * s), sae.decode(sae.encode(x * s)) / s
+        f, x_hat = sae.encode(x), sae(x).x_hat                  # both read the model's units (the scale folded in)
         exact = name in ("relu", "topk", "jumprelu", "batchtopk", "matryoshka")
         assert torch.equal(out["latents"], f) if exact else torch.allclose(out["latents"], f, atol=1e-5), name
         assert torch.equal(out["x_hat"], x_hat) if exact else torch.allclose(out["x_hat"], x_hat, atol=1e-5), name

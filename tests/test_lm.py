@@ -24,9 +24,9 @@ def tokens():
 
 class FixedSAE(torch.nn.Module):
     "A stand-in SAE whose reconstruction is `fn(x)`."
-    def __init__(self, fn, act_scale=1.0):
+    def __init__(self, fn):
         super().__init__()
-        self.fn, self.cfg = fn, SimpleNamespace(act_scale=act_scale)
+        self.fn = fn
 
     def forward(self, x):
         return SimpleNamespace(x_hat=self.fn(x), latents=None)
@@ -67,7 +67,7 @@ def test_tokens_roundtrip_and_default_tokens():
 def test_splice_identity_is_clean_and_zero_is_zero_ablation(model, tokens):
     with torch.no_grad():
         clean = model(tokens)
-        with splice(model, FixedSAE(lambda x: x, act_scale=2.5), HOOK):
+        with splice(model, FixedSAE(lambda x: x), HOOK):
             ident = model(tokens)
         with splice(model, FixedSAE(torch.zeros_like), HOOK):
             zeros = model(tokens)
@@ -78,16 +78,23 @@ def test_splice_identity_is_clean_and_zero_is_zero_ablation(model, tokens):
     assert not torch.allclose(ablated, clean)
 
 
-def test_splice_uses_act_scale(model, tokens):
+def test_splice_passes_model_units_and_the_sae_scales_inside(model, tokens):
+    "The SAE sees the activation in the model's units; an SAE with act_scale s computes on s x and returns x_hat / s."
+    from sae_nb.sae import make_sae
     seen = []
     def record(x):
         seen.append(x)
         return x
     with torch.no_grad():
         _, acts = run_with_activation(model, tokens, HOOK)
-        with splice(model, FixedSAE(record, act_scale=4.0), HOOK):
+        with splice(model, FixedSAE(record), HOOK):
             model(tokens)
-    torch.testing.assert_close(seen[0], acts * 4.0)
+        torch.testing.assert_close(seen[0], acts)
+        a, b = (make_sae("topk", d_in=128, d_sae=256, k=8, seed=0, act_scale=s) for s in (1.0, 4.0))
+        torch.testing.assert_close(b(acts).x_hat, a(4.0 * acts).x_hat / 4.0)
+        with splice(model, b, HOOK): spliced = model(tokens)
+        with splice(model, FixedSAE(lambda x: a(4.0 * x).x_hat / 4.0), HOOK): expected = model(tokens)
+    torch.testing.assert_close(spliced, expected)
 
 
 def test_splice_with_real_sae_changes_logits_and_undoes(model, tokens):
@@ -118,8 +125,8 @@ def test_unknown_hook_lists_near_names(model):
     assert "nearest valid names" in str(e.value)
     with pytest.raises(ValueError, match="hook_name"):
         check_hook_name(model, "nope")
-    with pytest.raises(TypeError, match="act_scale"):
-        with splice(model, torch.nn.Identity(), HOOK):
+    with pytest.raises(TypeError, match="sae"):
+        with splice(model, "not an sae", HOOK):
             pass
 
 
@@ -144,7 +151,7 @@ def test_hf_path_offline(tmp_path, monkeypatch):
     with torch.no_grad():
         logits, acts = run_with_activation(m, toks, "blocks.1.hook_resid_post")
         assert logits.shape == (2, 10, 256) and acts.shape == (2, 10, 32)
-        with splice(m, FixedSAE(lambda x: x, act_scale=3.0), "blocks.1.hook_resid_post"):
+        with splice(m, FixedSAE(lambda x: x), "blocks.1.hook_resid_post"):
             torch.testing.assert_close(m(toks), logits, atol=1e-5, rtol=1e-5)
         with zero_ablate(m, "blocks.1.hook_resid_post"):
             assert not torch.allclose(m(toks), logits)

@@ -250,7 +250,7 @@ def test_matryoshka_prefix_losses_and_each_prefix_reconstructs():
         manual = mse(out.latents[:, :m] @ sae.W_dec[:m] + sae.b_dec, xv)
         torch.testing.assert_close(out.terms[f"mse_prefix_{m}"], manual.detach())
         assert out.terms[f"mse_prefix_{m}"] < 0.8 * baseline, m  # every prefix reconstructs on its own
-    torch.testing.assert_close(out.terms["fidelity"], torch.stack([out.terms[f"mse_prefix_{m}"] for m in prefixes]).mean())
+    torch.testing.assert_close(out.terms["fidelity"], torch.stack([out.terms[f"mse_prefix_{m}"] for m in prefixes]).sum())
     torch.testing.assert_close(out.terms[f"mse_prefix_{D_SAE}"], out.terms["mse"])
     small = [out.terms[f"mse_prefix_{m}"] for m in prefixes]
     assert small[0] >= small[-1]
@@ -512,7 +512,7 @@ def test_bad_input_raises_before_changing_anything(name):
     with pytest.raises(ValueError, match="dead_mask"):
         sae.training_loss(x, dead_mask=torch.ones(D_SAE + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="sparsity_scale"):
-        sae.training_loss(x, sparsity_scale=1.5)
+        sae.training_loss(x, sparsity_scale=-0.5)
     for n, t in sae.state_dict().items():
         assert torch.equal(t, state[n]), n
     assert all(p.grad is None for p in sae.parameters())

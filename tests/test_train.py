@@ -1,6 +1,7 @@
 "Tests of sae_nb.train: config checks, every variant, history, checkpoints, resume after SIGKILL, DDP."
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -347,3 +348,123 @@ def test_retain_cpu_memory_is_checked_and_does_not_block_resume():
     with pytest.raises(ValueError, match="retain_cpu_memory"):
         train(TrainConfig(**SMALL, retain_cpu_memory="yes"), toy())
     assert "retain_cpu_memory" in train_module.RESUME_FREE_FIELDS
+
+
+# -- the training scale, target L0, convergence -------------------------------------------------------------
+
+def test_normalise_makes_the_run_scale_free_and_the_sae_reads_model_units():
+    "Training on 7 x the data gives the same SAE in training units; it reads and writes the model's units."
+    rows = torch.cat(toy_batches(10))
+    cfg = TrainConfig(**{**SMALL, "variant": "relu"}, total_tokens=640)
+    a, b = train(cfg, rows), train(cfg, 7 * rows)
+    expected = (16 / rows[:64].pow(2).sum(-1).mean()).sqrt().item()     # mean squared norm d_in on the first batch
+    assert a.sae.cfg.act_scale == pytest.approx(expected, rel=1e-5)
+    assert b.sae.cfg.act_scale == pytest.approx(expected / 7, rel=1e-5)
+    for name, t in a.sae.state_dict().items():
+        torch.testing.assert_close(b.sae.state_dict()[name], t, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(b.sae(7 * rows).x_hat, 7 * a.sae(rows).x_hat, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b.sae(7 * rows).latents, a.sae(rows).latents, rtol=1e-3, atol=1e-3)
+    assert train(dataclasses.replace(cfg, normalise=False), rows).sae.cfg.act_scale == 1.0
+    assert train(dataclasses.replace(cfg, sae_kwargs={"act_scale": 3.0}), rows).sae.cfg.act_scale == 3.0
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
+def test_target_l0_is_k_for_the_topk_family(variant):
+    result = train(TrainConfig(**{**SMALL, "variant": variant}, total_tokens=5 * 64, target_l0=3), toy())
+    assert result.sae.cfg.k == 3
+    with pytest.raises(ValueError, match="TrainConfig.target_l0"):
+        train(TrainConfig(**{**SMALL, "variant": variant}, total_tokens=5 * 64, target_l0=2.5), toy())
+
+
+def heldout(n=4096):
+    "Rows of the toy data far from anything the training stream reaches."
+    t = toy()
+    t.load_state_dict({"position": 10**9})
+    return t.sample(n)[0]
+
+
+@pytest.mark.parametrize("variant", ["relu", "gated", "jumprelu"])
+def test_steering_reaches_the_target_l0(variant):
+    "The coefficient is steered until the held-out L0 is within 10% of the target, then held for the final decay."
+    cfg = TrainConfig(variant=variant, d_in=16, d_sae=64, batch_size=256, lr=3e-3, target_l0=4, total_tokens=500 * 256,
+                      eval_every=20, log_every=20, progress=False, stop_when_converged=False)
+    result = train(cfg, toy(), held_out=heldout())
+    field = {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}[variant]
+    final = getattr(result.sae.cfg, field)
+    h = result.history
+    assert abs(result.evals[-1]["l0"] / 4 - 1) <= 0.1, result.evals[-1]
+    coefficients = [r["sparsity_coefficient"] for r in h]
+    decay = [r for r in h if r["step"] > 400]                           # the last 20% of the 500 steps: held fixed
+    assert len({r["sparsity_coefficient"] for r in decay}) == 1 and decay[0]["sparsity_coefficient"] == pytest.approx(final)
+    assert max(coefficients) / min(coefficients) > 2                    # it did move before that
+
+
+def test_jumprelu_thresholds_start_where_the_data_put_them():
+    from sae_nb.sae import init_jumprelu_thresholds, make_sae
+    x = toy().sample(2048)[0]
+    sae = make_sae("jumprelu", d_in=16, d_sae=64, seed=0)
+    init_jumprelu_thresholds(sae, x, 8)
+    fired = (sae.encode(x) != 0).float()
+    assert fired.sum(-1).mean().item() == pytest.approx(8, rel=0.05)
+    assert fired.mean(0).min().item() > 0.08 and fired.mean(0).max().item() < 0.17   # each latent at its own quantile
+
+
+def test_steer_is_a_clipped_pi_controller():
+    from sae_nb.train import steer
+    assert steer(0.0, 100.0, 4.0, 0.05) == pytest.approx((0.05, 1.05))        # far above: one full step up, +K
+    assert steer(0.2, 4.0 * 1.1, 4.0, 0.05, damping=2.0) == pytest.approx((0.2 + 0.05 * math.log(1.1),
+                                                                          0.2 + 2.05 * math.log(1.1)))
+    assert steer(0.0, 0.0, 4.0, 0.05) == pytest.approx((-0.05, -1.05))       # nothing fires: one full step down
+    assert steer(30.0, 100.0, 4.0, 0.05)[0] == 30.0                          # bounded
+
+
+def test_schedule_decay_can_start_early():
+    from sae_nb.train import LRSchedule
+    s = LRSchedule(total_steps=100, warmup_steps=0, decay=0.2)
+    assert s.decay_start == 80 and s(79) == 1.0 and s(99) == pytest.approx(0.05)
+    s.start_decay(40)                     # converged after 40 steps: the run ends at 50, the last 10 decaying
+    assert s.end == 50 and s.decay_start == 40 and s(39) == 1.0 and s(49) == pytest.approx(0.1)
+    s.start_decay(90)                     # never later than the budget
+    assert s.end == 50
+
+
+def test_converged_run_stops_early_and_marks_it():
+    cfg = TrainConfig(**SMALL, total_tokens=2000 * 64, eval_every=10, converge_tol=0.02)
+    result = train(cfg, toy(), held_out=heldout())
+    assert result.converged is True and result.steps < 2000
+    assert result.steps == result.history[-1]["step"] and result.evals[-1]["step"] == result.steps
+    assert "heldout_fvu" in result.history[-1] and result.history[-1]["lr"] < cfg.lr / 4   # ended in the decay
+    short = train(dataclasses.replace(cfg, total_tokens=20 * 64), toy(), held_out=heldout())
+    assert short.converged is False and short.steps == 20
+    assert train(dataclasses.replace(cfg, total_tokens=20 * 64), toy()).converged is None   # no held-out data
+
+
+def test_held_out_is_checked():
+    cfg = TrainConfig(**SMALL, total_tokens=640)
+    with pytest.raises(ValueError, match="held_out"):
+        train(cfg, toy(), held_out=torch.zeros(10, 5))
+    with pytest.raises(ValueError, match="held_out.*NaN"):
+        train(cfg, toy(), held_out=torch.full((10, 16), float("nan")))
+    with pytest.raises(TypeError, match="held_out"):
+        train(cfg, toy(), held_out=[[0.0] * 16])
+
+
+def test_result_unpacks_as_sae_and_history():
+    sae, history = train(TrainConfig(**SMALL, total_tokens=5 * 64), toy())
+    assert isinstance(sae, SAE) and history[-1]["step"] == 5
+
+
+def test_resume_of_a_steered_converging_run_is_exact(tmp_path):
+    "Steering state, held-out evaluations and an early decay survive a checkpoint: resuming ends as a straight run."
+    batches = toy_batches(300)
+    cfg = TrainConfig(**{**SMALL, "variant": "relu"}, target_l0=3, total_tokens=300 * 64, eval_every=10,
+                      checkpoint_dir=str(tmp_path), checkpoint_every=15, converge_tol=0.05)
+    x_val = heldout(1024)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, StopAfter(batches, 100), held_out=x_val)
+    resumed = train(cfg, batches, held_out=x_val)
+    straight = train(dataclasses.replace(cfg, checkpoint_dir=None), batches, held_out=x_val)
+    assert_same_sae(resumed.sae, straight.sae)
+    assert resumed.history == straight.history and resumed.evals == straight.evals
+    assert (resumed.converged, resumed.steps) == (straight.converged, straight.steps)
+    assert resumed.sae.cfg.l1_coefficient == straight.sae.cfg.l1_coefficient
