@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .losses import fvu
 
 # %% auto #0
-__all__ = ['LinearErrorFit', 'split_rows', 'r_squared', 'linear_error_fit', 'decompose_error']
+__all__ = ['LinearErrorFit', 'split_rows', 'r_squared', 'linear_error_fit', 'decompose_reconstruction', 'decompose_error']
 
 # %% ../nbs/07_dark_matter.ipynb #c0f8851a
 @dataclass
@@ -40,11 +40,31 @@ class LinearErrorFit:
         return x.to(self.W_norm) @ self.W_norm + self.b_norm
 
 
-def split_rows(n: int, train_fraction: float = 0.8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    "A seeded random split of range(n) into (train rows, held-out rows), the first round(train_fraction n) of a permutation."
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = round(train_fraction * n)
-    return perm[:n_train].sort().values, perm[n_train:].sort().values
+def _check_groups(groups, n: int) -> Tensor | None:
+    "`groups` as a LongTensor [n] (leading dims flattened), checked; None stays None."
+    if groups is None: return None
+    if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(f"groups: expected an integer torch.Tensor with one group id per row, got "
+                        f"{type(groups).__name__ if not isinstance(groups, Tensor) else groups.dtype}")
+    groups = groups.reshape(-1).long().cpu()
+    if len(groups) != n: raise ValueError(f"groups: expected one id per row ({n} rows), got {len(groups)}")
+    return groups
+
+
+def split_rows(n: int, train_fraction: float = 0.8, seed: int = 0,
+               groups: Tensor | None = None,  # [n] integer group id per row: whole groups go to one side
+              ) -> tuple[Tensor, Tensor]:
+    "A seeded random split of range(n) into (train rows, held-out rows): the first round(train_fraction n) of a permutation of the rows, or of the distinct `groups`."
+    g = torch.Generator().manual_seed(seed)
+    groups = _check_groups(groups, n)
+    if groups is None:
+        perm = torch.randperm(n, generator=g)
+        n_train = round(train_fraction * n)
+        return perm[:n_train].sort().values, perm[n_train:].sort().values
+    ids = groups.unique()                                        # sorted distinct group ids
+    chosen = ids[torch.randperm(len(ids), generator=g)[:round(train_fraction * len(ids))]]
+    in_train = torch.isin(groups, chosen)
+    return in_train.nonzero()[:, 0], (~in_train).nonzero()[:, 0]
 
 
 def r_squared(target: Tensor, pred: Tensor) -> float:
@@ -76,23 +96,30 @@ def _check_rows(name: str, t, n: int | None = None) -> Tensor:
     return t
 
 
-def linear_error_fit(x: Tensor,            # [..., d] the SAE's inputs (rows are tokens; leading dims flattened)
-                     err: Tensor,          # [..., m] its errors x - x_hat (same rows)
-                     train_fraction: float = 0.8,  # share of the rows the maps are fitted on; R² uses the rest
-                     seed: int = 0,        # seeds the split
-                     ridge: float = 0.0,   # rho, the ridge penalty on W (0: ordinary least squares)
-                    ) -> LinearErrorFit:
-    "Regress the error vector and its norm on x (least squares with a bias) on a train split; R² on the held-out rows."
-    x = _check_rows("x", x)
-    err = _check_rows("err", err, len(x))
+def _check_split_args(train_fraction, seed, ridge):
     if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction: expected a number in (0, 1), got {train_fraction!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
     if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    train, test = split_rows(len(x), train_fraction, seed)
+
+
+def linear_error_fit(x: Tensor,            # [..., d] the SAE's inputs (rows are tokens; leading dims flattened)
+                     err: Tensor,          # [..., m] its errors x - x_hat (same rows)
+                     train_fraction: float = 0.8,  # share of the rows (or of the groups) the maps are fitted on; R² uses the rest
+                     seed: int = 0,        # seeds the split
+                     ridge: float = 0.0,   # rho, the ridge penalty on W (0: ordinary least squares)
+                     groups: Tensor | None = None,  # [...] integer id per row (e.g. its sequence): split whole groups, not rows
+                    ) -> LinearErrorFit:
+    "Regress the error vector and its norm on x (least squares with a bias) on a train split; R² on the held-out rows."
+    x = _check_rows("x", x)
+    err = _check_rows("err", err, len(x))
+    _check_split_args(train_fraction, seed, ridge)
+    groups = _check_groups(groups, len(x))
+    train, test = split_rows(len(x), train_fraction, seed, groups)
     if len(train) < 2 or len(test) < 2:
-        raise ValueError(f"x: {len(x)} rows split by train_fraction={train_fraction} leave {len(train)} train and "
+        what = f"{len(groups.unique())} groups of" if groups is not None else ""
+        raise ValueError(f"x: {what} {len(x)} rows split by train_fraction={train_fraction} leave {len(train)} train and "
                          f"{len(test)} held-out rows; each needs at least 2")
     dtype, device = err.dtype, err.device
     X, E = x.detach().double().cpu(), err.detach().double().cpu()
@@ -107,31 +134,19 @@ def linear_error_fit(x: Tensor,            # [..., d] the SAE's inputs (rows are
                           r2, r2_norm, train, test)
 
 # %% ../nbs/07_dark_matter.ipynb #0bf27dd2
-def decompose_error(sae: nn.Module,        # an sae_nb SAE
-                    x: Tensor,             # [..., d_in] its inputs in the model's units (rows are tokens)
-                    train_fraction: float = 0.8,  # share of the rows the linear maps are fitted on
-                    seed: int = 0,         # seeds the split
-                    ridge: float = 0.0,    # ridge penalty of the fits
-                    batch_size: int = 4096,  # rows per SAE forward pass
-                   ) -> dict:
-    "The SAE's error on `x` split into a linearly predictable and a nonlinear part: R² of the vector and the norm, norms, FVU parts."
-    if not (isinstance(sae, nn.Module) and hasattr(sae, "encode") and hasattr(sae, "W_dec")):
-        raise TypeError(f"sae: expected an sae_nb SAE, got {type(sae).__name__}")
+def decompose_reconstruction(x: Tensor,      # [..., d_in] the inputs (rows are tokens)
+                             x_hat: Tensor,  # [..., d_in] a reconstruction of them (same rows)
+                             train_fraction: float = 0.8,  # share of the rows (or groups) the linear maps are fitted on
+                             seed: int = 0,  # seeds the split
+                             ridge: float = 0.0,  # ridge penalty of the fits
+                             groups: Tensor | None = None,  # [...] integer id per row (its sequence): split whole groups
+                            ) -> dict:
+    "The error x - x_hat split into a linearly predictable and a nonlinear part: R² of the vector and the norm, norms, FVU parts."
     x = _check_rows("x", x)
-    d_in = sae.W_dec.shape[1]
-    if x.shape[1] != d_in: raise ValueError(f"x: expected last dim d_in={d_in} (the SAE's width), got shape {tuple(x.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    mode = [(m, m.training) for m in sae.modules()]
-    try:
-        sae.eval()
-        with torch.no_grad():
-            p = sae.W_dec
-            x_hat = torch.cat([sae(xb.to(p.device, p.dtype)).x_hat.to(x.device, x.dtype) for xb in x.split(batch_size)])
-    finally:
-        for m, flag in mode: m.training = flag
+    x_hat = _check_rows("x_hat", x_hat, len(x))
+    if x_hat.shape[1] != x.shape[1]: raise ValueError(f"x_hat: expected width {x.shape[1]} (as x), got shape {tuple(x_hat.shape)}")
     err = x - x_hat
-    fit = linear_error_fit(x, err, train_fraction, seed, ridge)
+    fit = linear_error_fit(x, err, train_fraction, seed, ridge, groups)
     h = fit.test_rows
     fvu_h, fvu_nl = fvu(x_hat[h].double(), x[h].double()), fvu((x[h] - fit.nonlinear[h]).double(), x[h].double())
     return {"fvu": float(fvu(x_hat.double(), x.double())),
@@ -141,3 +156,32 @@ def decompose_error(sae: nn.Module,        # an sae_nb SAE
             "nonlinear_error_norm": float(fit.nonlinear[h].norm(dim=-1).mean()),
             "fvu_heldout": float(fvu_h), "fvu_linear": float(fvu_h - fvu_nl), "fvu_nonlinear": float(fvu_nl),
             "n_train": len(fit.train_rows), "n_test": len(h), "fit": fit}
+
+
+def decompose_error(sae: nn.Module,        # an sae_nb SAE
+                    x: Tensor,             # [..., d_in] its inputs in the model's units (rows are tokens)
+                    train_fraction: float = 0.8,  # share of the rows (or groups) the linear maps are fitted on
+                    seed: int = 0,         # seeds the split
+                    ridge: float = 0.0,    # ridge penalty of the fits
+                    batch_size: int = 4096,  # rows per SAE forward pass
+                    groups: Tensor | None = None,  # [...] integer id per row (its sequence): split whole groups, not rows
+                   ) -> dict:
+    "The SAE's error on `x` split into a linearly predictable and a nonlinear part: R² of the vector and the norm, norms, FVU parts."
+    if not (isinstance(sae, nn.Module) and hasattr(sae, "encode") and hasattr(sae, "W_dec")):
+        raise TypeError(f"sae: expected an sae_nb SAE, got {type(sae).__name__}")
+    x = _check_rows("x", x)
+    d_in = sae.W_dec.shape[1]
+    if x.shape[1] != d_in: raise ValueError(f"x: expected last dim d_in={d_in} (the SAE's width), got shape {tuple(x.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    _check_split_args(train_fraction, seed, ridge)
+    groups = _check_groups(groups, len(x))
+    mode = [(m, m.training) for m in sae.modules()]
+    try:
+        sae.eval()
+        with torch.no_grad():
+            p = sae.W_dec
+            x_hat = torch.cat([sae(xb.to(p.device, p.dtype)).x_hat.to(x.device, x.dtype) for xb in x.split(batch_size)])
+    finally:
+        for m, flag in mode: m.training = flag
+    return decompose_reconstruction(x, x_hat, train_fraction, seed, ridge, groups)

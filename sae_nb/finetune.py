@@ -25,7 +25,7 @@ __all__ = ['KLLoss', 'kl_loss', 'FinetuneResult', 'kl_finetune', 'e2e_train']
 # %% ../nbs/06_finetune.ipynb #1f671ad6
 class KLLoss(NamedTuple):
     "What `kl_loss` returns: the loss to backpropagate and its parts."
-    loss: Tensor     # 0-d: KL + (mse_coefficient * F + S + A) / sigma^2
+    loss: Tensor     # 0-d: kl_coefficient * KL + (mse_coefficient * F + S + A) / sigma^2
     latents: Tensor  # [n_tokens, d_sae] the SAE's latents in the spliced run
     terms: dict      # name -> detached 0-d tensor: kl, mse, fvu, l0, sparsity, aux, anchor, sigma2
 
@@ -42,6 +42,7 @@ def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (it 
             tokens: Tensor,            # LongTensor [batch, ctx], one batch of sequences
             mse_coefficient: float = 1.0,   # lambda_mse, the weight of the FVU-normalised fidelity term
             dead_mask: Tensor | None = None,  # bool [d_sae]: latents counted as dead (AuxK); None: no AuxK
+            kl_coefficient: float = 1.0,      # lambda_kl, the weight of the KL (0: the SAE's own objective only)
            ) -> KLLoss:
     "KL(clean || spliced) of the next-token distributions plus the SAE's own objective over the batch variance."
     stash = {}
@@ -61,7 +62,8 @@ def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (it 
     anchor = anchor / sigma2                                           # (lambda F + S + A) / sigma^2
     terms = {"kl": kl, "anchor": anchor, "sigma2": sigma2,
              **{k: out.terms[k] for k in ("mse", "fvu", "l0", "sparsity", "aux")}}
-    return KLLoss(kl + anchor, out.latents, {k: v.detach() for k, v in terms.items()})
+    loss = anchor if kl_coefficient == 0 else kl_coefficient * kl + anchor   # 0: no backward through the later layers
+    return KLLoss(loss, out.latents, {k: v.detach() for k, v in terms.items()})
 
 # %% ../nbs/06_finetune.ipynb #f4729c82
 class FinetuneResult(NamedTuple):
@@ -70,7 +72,8 @@ class FinetuneResult(NamedTuple):
     history: list   # one dict per logged step: step, tokens, loss, kl, anchor, mse, fvu, l0, sparsity, aux, lr, ...
 
 
-def _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold):
+def _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold,
+                kl_coefficient=1.0):
     "Raise TypeError/ValueError naming the first bad argument of the fine-tuning loop."
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point() or tokens.shape[1] < 2:
         got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
@@ -80,6 +83,7 @@ def _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_c
         if v < lo: raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
     if batch_seqs > len(tokens): raise ValueError(f"batch_seqs: expected at most the {len(tokens)} sequences of tokens, got {batch_seqs}")
     for name, v, lo, hi, lo_open in (("lr", lr, 0, math.inf, True), ("mse_coefficient", mse_coefficient, 0, math.inf, False),
+                                     ("kl_coefficient", kl_coefficient, 0, math.inf, False),
                                      ("lr_decay", lr_decay, 0, 1, False)):
         if isinstance(v, bool) or not isinstance(v, (int, float)): raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
         if not (math.isfinite(v) and lo <= v <= hi) or (lo_open and v == lo):
@@ -100,7 +104,7 @@ def _batch_order(n_seq: int, batch_seqs: int, steps: int, seed: int) -> Tensor:
 
 
 def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip,
-                     log_every, dead_tokens_threshold, seed, progress, desc):
+                     log_every, dead_tokens_threshold, seed, progress, desc, kl_coefficient=1.0):
     "The loop `kl_finetune` and `e2e_train` share: Adam on `kl_loss`, trains `sae` in place, returns its history."
     device = next(model.parameters()).device
     sae_mode, model_mode = sae.training, [(m, m.training) for m in model.modules()]
@@ -118,7 +122,7 @@ def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, 
         for step in tqdm(range(steps), disable=not progress, desc=desc):
             toks = tokens[order[step]].to(device)
             dead = since_fired >= dead_tokens_threshold if dead_tokens_threshold is not None else None
-            out = kl_loss(sae, model, hook_name, toks, mse_coefficient, dead_mask=dead)
+            out = kl_loss(sae, model, hook_name, toks, mse_coefficient, dead_mask=dead, kl_coefficient=kl_coefficient)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             sae.remove_gradient_parallel_to_decoder_directions()
@@ -150,6 +154,7 @@ def kl_finetune(sae: SAE,                   # an SAE trained on `hook_name` (e.g
                 steps: int = 100,           # Adam steps
                 lr: float = 1e-4,           # peak learning rate
                 mse_coefficient: float = 1.0,  # lambda_mse: weight of the FVU-normalised fidelity term
+                kl_coefficient: float = 1.0,   # lambda_kl: weight of the KL (0: continue on the SAE's own objective only)
                 batch_seqs: int = 8,        # sequences per step (batch_seqs * ctx tokens)
                 lr_decay: float = 0.2,      # fraction of the steps, at the end, over which the lr decays to 0
                 grad_clip: float | None = 1.0,  # clip the SAE gradient's norm (None: no clipping)
@@ -159,17 +164,19 @@ def kl_finetune(sae: SAE,                   # an SAE trained on `hook_name` (e.g
                 seed: int = 0,              # seeds the order of the sequences
                 progress: bool = False,     # show a tqdm bar
                ) -> FinetuneResult:
-    "Continue training `sae` on KL(clean || spliced) + (mse_coefficient F + S + A) / sigma^2; returns the SAE (a copy unless `inplace`) and the history."
+    "Continue training `sae` on kl_coefficient KL(clean || spliced) + (mse_coefficient F + S + A) / sigma^2; returns the SAE (a copy unless `inplace`) and the history."
     if not isinstance(sae, SAE): raise TypeError(f"sae: expected an sae_nb SAE, got {type(sae).__name__}")
     if not isinstance(model, nn.Module): raise TypeError(f"model: expected a torch nn.Module (TransformerBridge), got {type(model).__name__}")
     hook_name = hook_name if hook_name is not None else sae.cfg.hook_name
     if hook_name is None: raise ValueError("hook_name: None, and sae.cfg.hook_name is None; give the hook the SAE reads")
     check_hook_name(model, hook_name)
-    _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold)
+    _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold,
+                kl_coefficient)
     if not isinstance(inplace, bool): raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
     sae = sae if inplace else copy.deepcopy(sae)
     history = _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay,
-                               grad_clip, log_every, dead_tokens_threshold, seed, progress, "kl fine-tune")
+                               grad_clip, log_every, dead_tokens_threshold, seed, progress,
+                               "kl fine-tune" if kl_coefficient else "sae-loss continuation", kl_coefficient)
     return FinetuneResult(sae, history)
 
 # %% ../nbs/06_finetune.ipynb #5102cbd7

@@ -270,15 +270,17 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def anchor_checks(df: pd.DataFrame) -> pd.DataFrame:
-    "The published orderings at each L0 target, over seeds: TopK, BatchTopK and JumpReLU below ReLU-L1 in FVU and ΔCE; BatchTopK not above TopK."
+def anchor_checks(df: pd.DataFrame,                    # rows of `run_sweep` (or any with variant, l0_target and the metrics)
+                  metrics: tuple = ("fvu", "delta_ce"),  # the columns compared (lower is better)
+                 ) -> pd.DataFrame:
+    "The published orderings at each L0 target, over seeds: TopK, BatchTopK and JumpReLU below ReLU-L1; BatchTopK not above TopK."
     claims = [(v, "relu", "beats") for v in ("topk", "batchtopk", "jumprelu")] + [("batchtopk", "topk", "at least as good as")]
     rows = []
     for target, at in df.groupby("l0_target"):
         for a, b, verb in claims:
             A, B = at[at.variant == a], at[at.variant == b]
             if A.empty or B.empty: continue
-            for metric in ("fvu", "delta_ce"):
+            for metric in metrics:
                 ma, mb = A[metric].mean(), B[metric].mean()
                 if verb == "beats":        # below on average, and every seed of A below every seed of B
                     holds, beyond = ma < mb, A[metric].max() < B[metric].min()

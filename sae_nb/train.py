@@ -456,7 +456,7 @@ def _check_resume_config(saved: dict, cfg: TrainConfig):
                          f"({'; '.join(diff)}); use a new checkpoint_dir")
 
 # %% ../nbs/04_train.ipynb #c832e387
-STEER_DAMPING = 1.0   # K: the proportional part of the L0 controller (damps the integral part's oscillations)
+STEER_DAMPING = 0.0   # K: the proportional part of the L0 controller; 0, an integral controller (see the text above)
 
 
 def steer(integral: float,    # u_t, the controller's integral part (the log of the factor, less its proportional part)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sae_nb.dark_matter import LinearErrorFit, decompose_error, linear_error_fit, r_squared, split_rows
+from sae_nb.dark_matter import (LinearErrorFit, decompose_error, decompose_reconstruction, linear_error_fit, r_squared,
+                                split_rows)
 from sae_nb.sae import make_sae
 
 
@@ -86,6 +87,34 @@ def test_leading_dims_flattened():
     assert fit.linear.shape == (600, A.shape[1]) and fit.r2 == pytest.approx(1.0, abs=1e-12)
 
 
+def test_group_split_keeps_groups_whole():
+    g = torch.Generator().manual_seed(3)
+    groups = torch.randint(0, 37, (900,), generator=g) * 7 + 5       # unequal groups, ids neither contiguous nor ordered
+    n_groups = len(groups.unique())
+    train, test = split_rows(900, 0.8, 0, groups)
+    assert sorted(train.tolist() + test.tolist()) == list(range(900))
+    tr, te = set(groups[train].tolist()), set(groups[test].tolist())
+    assert tr.isdisjoint(te)                                          # no group on both sides
+    assert len(tr) == round(0.8 * n_groups) and len(te) == n_groups - len(tr)
+    assert torch.equal(split_rows(900, 0.8, 0, groups)[0], train)     # fixed by the seed ...
+    assert not torch.equal(split_rows(900, 0.8, 1, groups)[0], train)  # ... and changed by it
+    x, A, c, _ = data(n=900)
+    fit = linear_error_fit(x, x @ A + c, groups=groups.view(30, 30))  # leading dims flattened like x's
+    assert set(groups[fit.train_rows].tolist()).isdisjoint(groups[fit.test_rows].tolist())
+    assert torch.equal(fit.train_rows, train)
+
+
+def test_group_split_prevents_memorised_groups():
+    # each group: its own input point z_g and its own error u_g, unrelated; a row split lets the map memorise u_g
+    g = torch.Generator().manual_seed(1)
+    seq = torch.arange(40).repeat_interleave(25)
+    z, u = torch.randn(40, 64, generator=g, dtype=torch.float64), torch.randn(40, 8, generator=g, dtype=torch.float64)
+    x = z[seq] + 0.05 * torch.randn(1000, 64, generator=g, dtype=torch.float64)
+    e = u[seq] + 0.05 * torch.randn(1000, 8, generator=g, dtype=torch.float64)
+    assert linear_error_fit(x, e).r2 > 0.9
+    assert linear_error_fit(x, e, groups=seq).r2 < 0.05
+
+
 @pytest.fixture(scope="module")
 def sae_and_x():
     torch.manual_seed(0)
@@ -108,7 +137,11 @@ def test_decompose_error_keys_and_consistency(sae_and_x):
     with torch.no_grad(): err = x - sae.eval()(x).x_hat
     sae.train()
     torch.testing.assert_close(r["fit"].linear + r["fit"].nonlinear, err, rtol=0, atol=1e-5)
-    assert r["fvu_linear"] + r["fvu_nonlinear"] == pytest.approx(r["fvu_heldout"])
+    h = r["fit"].test_rows
+    xh = x[h].double()
+    var = (xh - xh.mean(0)).pow(2).sum()                              # the mean-predictor baseline, per dimension
+    assert r["fvu_heldout"] == pytest.approx((err[h].double().pow(2).sum() / var).item(), rel=1e-5)
+    assert r["fvu_nonlinear"] == pytest.approx((r["fit"].nonlinear[h].double().pow(2).sum() / var).item(), rel=1e-5)
     from sae_nb.losses import fvu
     assert r["fvu"] == pytest.approx(fvu(x - err, x).item(), rel=1e-5)
     h = r["fit"].test_rows
@@ -127,6 +160,18 @@ def test_linear_error_fit_bad_args(kw, exc, match):
     with pytest.raises(exc, match=match): linear_error_fit(x, x @ A + c, **kw)
 
 
+def test_decompose_error_groups_and_reconstruction(sae_and_x):
+    sae, x = sae_and_x
+    seq = torch.arange(len(x)) // 100                                 # 30 "sequences" of 100 tokens
+    r = decompose_error(sae, x, groups=seq)
+    assert set(seq[r["fit"].train_rows].tolist()).isdisjoint(seq[r["fit"].test_rows].tolist())
+    assert r["n_test"] == 600                                         # 6 of the 30 sequences held out
+    with torch.no_grad(): x_hat = sae.eval()(x).x_hat
+    same = decompose_reconstruction(x, x_hat, groups=seq)
+    for k in ("fvu", "r2", "r2_norm", "fvu_heldout", "fvu_linear", "fvu_nonlinear"):
+        assert same[k] == pytest.approx(r[k], rel=1e-9, abs=1e-12)
+
+
 def test_bad_inputs(sae_and_x):
     x, A, c, noise = data(n=100)
     with pytest.raises(ValueError, match="err"): linear_error_fit(x, noise[:50])
@@ -141,3 +186,9 @@ def test_bad_inputs(sae_and_x):
     with pytest.raises(ValueError, match="d_in"): decompose_error(sae, xs[:, :8])
     with pytest.raises(TypeError, match="sae"): decompose_error("sae", xs)
     with pytest.raises(ValueError, match="batch_size"): decompose_error(sae, xs, batch_size=0)
+    with pytest.raises(ValueError, match="groups"): linear_error_fit(x, noise, groups=torch.zeros(50, dtype=torch.long))
+    with pytest.raises(TypeError, match="groups"): linear_error_fit(x, noise, groups=torch.zeros(100))
+    with pytest.raises(TypeError, match="groups"): linear_error_fit(x, noise, groups=list(range(100)))
+    with pytest.raises(ValueError, match="rows"): linear_error_fit(x, noise, groups=torch.zeros(100, dtype=torch.long))
+    with pytest.raises(ValueError, match="groups"): decompose_error(sae, xs, groups=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="x_hat"): decompose_reconstruction(xs, xs[:, :8])

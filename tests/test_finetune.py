@@ -110,6 +110,32 @@ def test_kl_loss_matches_splice_and_formula(model, tokens, mse_sae):
     assert out.loss.item() == pytest.approx((out.terms["kl"] + out.terms["anchor"]).item(), rel=1e-6)
 
 
+def test_kl_coefficient_weights_the_kl(model, tokens, mse_sae):
+    "loss = kl_coefficient * KL + anchor; at 0 the gradient is the SAE objective's alone (the KL is still measured)."
+    from sae_nb.data import hook_activations
+    toks = tokens[:4]
+    for p in model.parameters(): p.requires_grad_(False)
+    try:
+        out1 = kl_loss(mse_sae, model, HOOK, toks)
+        out2 = kl_loss(mse_sae, model, HOOK, toks, kl_coefficient=2.0)
+        assert out2.loss.item() == pytest.approx((2 * out1.terms["kl"] + out1.terms["anchor"]).item(), rel=1e-5)
+        sae = copy.deepcopy(mse_sae)
+        out0 = kl_loss(sae, model, HOOK, toks, kl_coefficient=0.0)
+        assert out0.loss.item() == pytest.approx(out0.terms["anchor"].item(), rel=1e-6) and out0.terms["kl"] > 0
+        out0.loss.backward()
+        ref = copy.deepcopy(mse_sae)                    # the same objective computed without the model downstream
+        x = hook_activations(model, toks, HOOK)
+        xs = ref.normalise(x)
+        (ref.training_loss(x).loss / (xs - xs.mean(0)).pow(2).sum(-1).mean()).backward()
+    finally:
+        for p in model.parameters(): p.requires_grad_(True)
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+        if q.grad is not None: assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    res = kl_finetune(mse_sae, model, HOOK, tokens, steps=4, lr=1e-3, batch_seqs=4, log_every=2, kl_coefficient=0.0)
+    assert all(h["loss"] == pytest.approx(h["anchor"], rel=1e-6) and h["kl"] > 0 for h in res.history)
+    assert not torch.equal(res.sae.W_enc, mse_sae.W_enc)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_gets_a_gradient(model, tokens, variant):
     kw = {"k": 8} if VARIANTS[variant].uses_k else {}
@@ -138,7 +164,8 @@ def test_e2e_train_lowers_kl(model, tokens):
 
 @pytest.mark.parametrize("kw, match", [
     ({"steps": 0}, "steps"), ({"steps": 2.0}, "steps"), ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"),
-    ({"mse_coefficient": -1.0}, "mse_coefficient"), ({"batch_seqs": 0}, "batch_seqs"), ({"batch_seqs": 33}, "batch_seqs"),
+    ({"mse_coefficient": -1.0}, "mse_coefficient"), ({"kl_coefficient": -1.0}, "kl_coefficient"),
+    ({"kl_coefficient": float("inf")}, "kl_coefficient"), ({"batch_seqs": 0}, "batch_seqs"), ({"batch_seqs": 33}, "batch_seqs"),
     ({"lr_decay": 1.5}, "lr_decay"), ({"grad_clip": 0}, "grad_clip"), ({"log_every": 0}, "log_every"),
     ({"dead_tokens_threshold": 0}, "dead_tokens_threshold"), ({"inplace": 1}, "inplace"),
 ])

@@ -411,10 +411,11 @@ def test_jumprelu_thresholds_start_where_the_data_put_them():
 
 def test_steer_is_a_clipped_pi_controller():
     from sae_nb.train import steer
-    assert steer(0.0, 100.0, 4.0, 0.05) == pytest.approx((0.05, 1.05))        # far above: one full step up, +K
+    assert steer(0.0, 100.0, 4.0, 0.05) == pytest.approx((0.05, 0.05))        # default K = 0: the integral part alone
+    assert steer(0.0, 100.0, 4.0, 0.05, damping=1.0) == pytest.approx((0.05, 1.05))   # far above: one full step up, +K
     assert steer(0.2, 4.0 * 1.1, 4.0, 0.05, damping=2.0) == pytest.approx((0.2 + 0.05 * math.log(1.1),
                                                                           0.2 + 2.05 * math.log(1.1)))
-    assert steer(0.0, 0.0, 4.0, 0.05) == pytest.approx((-0.05, -1.05))       # nothing fires: one full step down
+    assert steer(0.0, 0.0, 4.0, 0.05, damping=1.0) == pytest.approx((-0.05, -1.05))   # nothing fires: one full step down
     assert steer(30.0, 100.0, 4.0, 0.05)[0] == 30.0                          # bounded
 
 
