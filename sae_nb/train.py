@@ -57,7 +57,7 @@ class TrainConfig:
     aux_coefficient: float | None = None   # TopK family: weight of the AuxK loss
     sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field, passed to make_sae
     target_l0: float | None = None         # aim at this L0: k for the TopK family; relu, gated, jumprelu: the steered coefficient
-    l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * clip(log(L0 / target_l0), -1, 1)
+    l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * lr_t / lr * clip(log(L0 / target_l0), -1, 1)
     l0_steer_start: float = 0.1            # the steered coefficient starts at this times its configured value
     # the data and the optimiser
     normalise: bool = True                 # train on x * act_scale with mean squared norm d_in (the SAE keeps act_scale)
@@ -661,8 +661,9 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
         l0_batch = fired.sum().item() / cfg.batch_size
-        if steered and step < schedule.decay_start:           # steer while the lr is constant, then hold
-            steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0, cfg.l0_steer_rate)
+        if steered:                                           # the gain follows the lr: the SAE moves as fast as it
+            steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0,
+                                              cfg.l0_steer_rate * lr / sched.base_lrs[0])
 
         # -- held-out evaluation; a plateau starts the final decay
         row_extra = {}
