@@ -492,15 +492,19 @@ def heldout_metrics(sae: SAE,
     return {"fvu": sse / (x - x.mean(0)).pow(2).sum().item(), "l0": l0_sum / len(x)}
 
 
-def plateaued(evals: list,      # held-out evaluations so far, dicts with "step" and "fvu", in order
+def plateaued(evals: list,      # held-out evaluations so far, dicts with "step", "fvu" and "l0", in order
               step: int,        # the steps taken so far
               window: float,    # w: look back over the last w * step steps
               tol: float,       # relative improvement below which the FVU counts as flat
+              target_l0: float | None = None,   # a steered run: both FVUs compared must be at this L0
+              l0_tol: float = STEER_TOLERANCE,  # ... within this fraction
              ) -> bool:
-    "Whether the held-out FVU fell by less than `tol` (relative) over the last `window` of the steps taken."
+    "Whether the held-out FVU fell by less than `tol` (relative) over the last `window` of the steps taken (at the target L0 at both ends)."
     before = [e for e in evals if e["step"] <= (1 - window) * step]
     if not before or len(evals) - len(before) < 3: return False   # too early: at least 3 evaluations in the window
-    return evals[-1]["fvu"] > (1 - tol) * before[-1]["fvu"]
+    ends = (before[-1], evals[-1])
+    if target_l0 is not None and any(abs(e["l0"] / target_l0 - 1) > l0_tol for e in ends): return False
+    return ends[1]["fvu"] > (1 - tol) * ends[0]["fvu"]
 
 
 # %% ../nbs/04_train.ipynb #c2845d6f
@@ -661,7 +665,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
         l0_batch = fired.sum().item() / cfg.batch_size
-        if steered:                                           # the gain follows the lr: the SAE moves as fast as it
+        if steered and not converged:                         # held from convergence on; the gain follows the lr
             steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0,
                                               cfg.l0_steer_rate * lr / sched.base_lrs[0])
 
@@ -671,9 +675,8 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
             e = {"step": step, "tokens": step * cfg.batch_size, **heldout_metrics(sae, held_out)}
             evals.append(e)
             row_extra = {"heldout_fvu": e["fvu"], "heldout_l0": e["l0"]}
-            on_target = not steered or abs(e["l0"] / cfg.target_l0 - 1) <= STEER_TOLERANCE
-            if (cfg.stop_when_converged and converged is None and step < schedule.decay_start and on_target
-                    and plateaued(evals, step, cfg.converge_window, cfg.converge_tol)):
+            if (cfg.stop_when_converged and converged is None and step < schedule.decay_start
+                    and plateaued(evals, step, cfg.converge_window, cfg.converge_tol, cfg.target_l0 if steered else None)):
                 converged = True
                 schedule.start_decay(step)
                 for g, base in zip(opt.param_groups, sched.base_lrs): g["lr"] = base * schedule(step)

@@ -383,25 +383,42 @@ def heldout(n=4096):
     return t.sample(n)[0]
 
 
+def replay_controller(h, lr, target=4, gain=0.05):
+    "Check each logged step against the controller: log c_{t+1} = log c_t + g (lr_t / lr) clip(log(L0_t / target), -1, 1)."
+    for a, b in zip(h, h[1:]):
+        error = max(-1.0, min(1.0, math.log(a["l0"] / target)))
+        assert math.log(b["sparsity_scale"]) == pytest.approx(math.log(a["sparsity_scale"]) + gain * a["lr"] / lr * error, abs=1e-9), a
+
+
 @pytest.mark.parametrize("variant", ["relu", "gated", "jumprelu"])
-def test_steering_reaches_the_target_l0(variant):
-    "The coefficient is steered, at a gain that follows the lr, until the end: the held-out L0 ends within 10% of the target."
+def test_steering_reaches_the_target_l0_and_holds_it_once_converged(variant):
+    "Steered until the run converges (held-out FVU flat at the target L0), then held over the final decay; the held-out L0 ends within 10%."
+    cfg = TrainConfig(variant=variant, d_in=16, d_sae=64, batch_size=256, lr=1e-2, target_l0=4, total_tokens=3000 * 256,
+                      eval_every=25, log_every=1, progress=False)
+    result = train(cfg, toy(), held_out=heldout())
+    h, field = result.history, {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}[variant]
+    assert result.converged is True and result.steps < 3000
+    assert abs(result.evals[-1]["l0"] / 4 - 1) <= 0.1, result.evals[-1]
+    decay_start = result.steps - int(0.2 * result.steps)                 # convergence started the final 20%
+    steering = [r for r in h if r["step"] <= decay_start]
+    replay_controller(steering, 1e-2)
+    held = [r["sparsity_coefficient"] for r in h if r["step"] > decay_start + 1]
+    assert len(held) > 10 and len(set(held)) == 1 and getattr(result.sae.cfg, field) == pytest.approx(held[0])
+    coefficients = [r["sparsity_coefficient"] for r in h]
+    assert max(coefficients) / min(coefficients) > 2                     # it moved before that
+
+
+@pytest.mark.parametrize("variant", ["relu", "gated", "jumprelu"])
+def test_steering_continues_through_the_decay_of_a_run_that_did_not_converge(variant):
+    "Without convergence (here: no early stop) the coefficient is steered to the end, at a gain that follows the lr; the L0 ends within 10%."
     cfg = TrainConfig(variant=variant, d_in=16, d_sae=64, batch_size=256, lr=3e-3, target_l0=4, total_tokens=500 * 256,
                       eval_every=20, log_every=1, progress=False, stop_when_converged=False)
     result = train(cfg, toy(), held_out=heldout())
-    field = {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}[variant]
     h = result.history
-    assert [r["step"] for r in h] == list(range(1, 501))
+    assert [r["step"] for r in h] == list(range(1, 501)) and result.converged is False
     assert abs(result.evals[-1]["l0"] / 4 - 1) <= 0.1, result.evals[-1]
-    coefficients = [r["sparsity_coefficient"] for r in h]
-    assert max(coefficients) / min(coefficients) > 2                    # it moved
-    # the controller, replayed from the logged batch L0s and lrs: log c_{t+1} = log c_t + g (lr_t / lr) clip(log(L0_t / 4))
-    for a, b in zip(h, h[1:]):
-        error = max(-1.0, min(1.0, math.log(a["l0"] / 4)))
-        assert math.log(b["sparsity_scale"]) == pytest.approx(math.log(a["sparsity_scale"]) + 0.05 * a["lr"] / 3e-3 * error, abs=1e-9)
-    final = math.log(h[-1]["sparsity_scale"]) + 0.05 * h[-1]["lr"] / 3e-3 * max(-1.0, min(1.0, math.log(h[-1]["l0"] / 4)))
-    assert getattr(result.sae.cfg, field) == pytest.approx(coefficients[0] / h[0]["sparsity_scale"] * math.exp(final))
-    assert h[-1]["lr"] < 3e-3 * 0.02                                    # the last steps barely move it
+    replay_controller(h, 3e-3)
+    assert h[-1]["lr"] < 3e-3 * 0.02                                     # the last steps barely move it
 
 
 def test_jumprelu_thresholds_start_where_the_data_put_them():
