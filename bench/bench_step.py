@@ -41,6 +41,7 @@ VARIANTS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 SAELENS_NAME = {"relu": "Standard", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
                 "gated": "Gated", "matryoshka": "MatryoshkaBatchTopK"}
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+BENCH_TRAIN_KWARGS = {"retain_cpu_memory": True}   # the benchmark opts in to retain_freed_memory (train's default is off)
 
 
 # -- sae_nb's step: what sae_nb.train.train does for one batch ----------------------------------------------------
@@ -49,8 +50,8 @@ def sae_nb_builder(variant: str, sae_kwargs: dict, train_kwargs: dict | None = N
         batch = shape["batch"]
         cfg = resolve_config(TrainConfig(variant=variant, d_in=shape["d_in"], d_sae=shape["d_sae"], k=shape["k"],
                                          batch_size=batch, total_tokens=1_000_000 * batch, sae_kwargs=sae_kwargs,
-                                         progress=False, **(train_kwargs or {})), x)
-        if x.device.type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()   # as train() does
+                                         progress=False, **{**BENCH_TRAIN_KWARGS, **(train_kwargs or {})}), x)
+        if x.device.type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()   # as train() does when opted in
         sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
         sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
         sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed, **{**sae_kw, **cfg.sae_kwargs}).to(x.device)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .losses import auxk_loss, fvu, l1, mse
 from .sae import jumprelu, rectangle
+from .utils import flatten_rows
 
 # %% auto #0
 __all__ = ['ExerciseError', 'Case', 'check_mse', 'check_fvu', 'check_l1', 'check_topk', 'check_jumprelu_ste', 'check_auxk']
@@ -149,11 +150,6 @@ def _recon_cases(seed: int = 0) -> list[Case]:
             Case("x_hat = the batch mean of x", (x.mean(0).expand_as(x).clone(), x))]
 
 
-def _flat(t: Tensor) -> Tensor:
-    "Rows of `t`: [..., d] -> [n, d]."
-    return t.reshape(-1, t.shape[-1])
-
-
 def check_mse(fn: Callable,  # your mse(x_hat, x) -> 0-d tensor
              ):
     "Check a learner's `mse(x_hat, x)` against `sae_nb.losses.mse`."
@@ -179,7 +175,7 @@ def check_fvu(fn: Callable,  # your fvu(x_hat, x, mean=None) -> 0-d tensor
     cases.insert(1, Case("a given dataset mean (the baseline predicts `mean`, not the batch mean)", (x_hat, x, mu)))
 
     def centred(x_hat, x, mean=None):
-        xs = _flat(x)
+        xs = flatten_rows(x)
         return xs - (xs.mean(0) if mean is None else mean)
 
     wrong = {
@@ -193,14 +189,14 @@ def check_fvu(fn: Callable,  # your fvu(x_hat, x, mean=None) -> 0-d tensor
             lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (x - (x.mean(0) if mean is None else mean)).pow(2).sum(),
         "you average a ratio per dimension: FVU is ONE ratio, of the squared error summed over rows and dims to the "
         "squared deviation from the mean summed over rows and dims":
-            lambda x_hat, x, mean=None: ((_flat(x) - _flat(x_hat)).pow(2).sum(0) / centred(x_hat, x, mean).pow(2).sum(0)).mean(),
+            lambda x_hat, x, mean=None: ((flatten_rows(x) - flatten_rows(x_hat)).pow(2).sum(0) / centred(x_hat, x, mean).pow(2).sum(0)).mean(),
         "you average a ratio per row: FVU is ONE ratio of sums over all rows":
-            lambda x_hat, x, mean=None: ((_flat(x) - _flat(x_hat)).pow(2).sum(-1) / centred(x_hat, x, mean).pow(2).sum(-1)).mean(),
+            lambda x_hat, x, mean=None: ((flatten_rows(x) - flatten_rows(x_hat)).pow(2).sum(-1) / centred(x_hat, x, mean).pow(2).sum(-1)).mean(),
         "you return the explained variance 1 - FVU; FVU is the unexplained fraction":
             lambda x_hat, x, mean=None: 1 - fvu(x_hat, x, mean),
         "you divide by the variance with Bessel's correction (n - 1) or by the std: use the plain sum of squared "
         "deviations from the mean, so that predicting the mean gives exactly 1":
-            lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (centred(x_hat, x, mean).pow(2).sum() * _flat(x).shape[0] / (_flat(x).shape[0] - 1)),
+            lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (centred(x_hat, x, mean).pow(2).sum() * flatten_rows(x).shape[0] / (flatten_rows(x).shape[0] - 1)),
     }
     _check_scalar_loss("check_fvu", fn, cases, fvu, wrong,
                        "fvu = sum of (x - x_hat)^2 over rows and dims / sum of (x - mu)^2 over rows and dims, with mu "
@@ -231,15 +227,15 @@ def check_l1(fn: Callable,  # your l1(latents, W_dec) -> 0-d tensor
     wrong = {
         "your L1 ignores the decoder norms: weight each |f_i| by ||W_dec[i]||_2 (the norm of row i of W_dec); "
         "without it the SAE lowers the penalty by shrinking latents and growing decoder rows":
-            lambda f, W: _flat(f).abs().sum(-1).mean(),
+            lambda f, W: flatten_rows(f).abs().sum(-1).mean(),
         "you weight by the squared decoder norm: use the norm ||W_dec[i]||_2 itself":
-            lambda f, W: (_flat(f).abs() * norms(W).pow(2)).sum(-1).mean(),
+            lambda f, W: (flatten_rows(f).abs() * norms(W).pow(2)).sum(-1).mean(),
         "you forget the absolute value: a negative latent costs |f_i|, not f_i":
-            lambda f, W: (_flat(f) * norms(W)).sum(-1).mean(),
+            lambda f, W: (flatten_rows(f) * norms(W)).sum(-1).mean(),
         "you sum over rows: average over rows (of the per-row sum over latents)":
-            lambda f, W: (_flat(f).abs() * norms(W)).sum(),
+            lambda f, W: (flatten_rows(f).abs() * norms(W)).sum(),
         "you average over latents too: sum over the latents, average over rows":
-            lambda f, W: (_flat(f).abs() * norms(W)).mean(),
+            lambda f, W: (flatten_rows(f).abs() * norms(W)).mean(),
     }
     _check_scalar_loss("check_l1", fn, _l1_cases(), l1, wrong,
                        "l1 = sum over latents of |f_i| * ||W_dec[i]||_2 (norm of row i of W_dec [d_sae, d_in]), "
@@ -279,7 +275,7 @@ def _topk_problem(got: Tensor, pre: Tensor, k: int) -> str | None:
     if (got < 0).any():
         return (f"negative values kept (min {got.min().item():.4g}): ReLU the kept values, a kept pre-activation "
                 "below 0 must become 0")
-    n_on = (got != 0).reshape(-1, pre.shape[-1]).sum(-1)
+    n_on = flatten_rows(got != 0).sum(-1)
     if (n_on > k).any():
         r = int((n_on > k).nonzero()[0])
         return f"row {r} has {int(n_on[r])} non-zero latents, more than k={k}: keep exactly k per row (not k+1)"
@@ -304,8 +300,8 @@ def check_topk(fn: Callable,  # your topk(pre_acts, k) -> latents of the shape o
             expected = _reference_topk(*case.args)
             if isinstance(got, Tensor) and got.shape == expected.shape:   # show the first row that differs
                 d = expected.shape[-1]
-                r = int((_flat(got.detach()) != _flat(expected)).any(-1).nonzero()[0]) if not torch.equal(got, expected) else 0
-                row = lambda t: "{" + ", ".join(f"{i}: {v:.3g}" for i, v in enumerate(_flat(t.detach())[r].tolist()) if v != 0) + "}"
+                r = int((flatten_rows(got.detach()) != flatten_rows(expected)).any(-1).nonzero()[0]) if not torch.equal(got, expected) else 0
+                row = lambda t: "{" + ", ".join(f"{i}: {v:.3g}" for i, v in enumerate(flatten_rows(t.detach())[r].tolist()) if v != 0) + "}"
                 expected, got = f"row {r} non-zeros {row(expected)}", f"row {r} non-zeros {row(got)}"
             _fail("check_topk", case, expected, got, problem)
     z, k = cases[0].args
@@ -452,8 +448,8 @@ def _auxk_cases(seed: int = 0) -> list[Case]:
 def _auxk_variant(all_latents: bool = False, relu: bool = True, norm: str = "centred", sign: float = 1.0) -> Callable:
     "An AuxK loss making one known mistake (for the hints)."
     def loss(x, x_hat, pre_acts, W_dec, dead_mask, k_aux):
-        e = sign * _flat(x - x_hat.detach())
-        z = _flat(pre_acts)
+        e = sign * flatten_rows(x - x_hat.detach())
+        z = flatten_rows(pre_acts)
         mask = torch.ones_like(dead_mask) if all_latents else dead_mask
         if not mask.any():
             return pre_acts.sum() * 0

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import fvu
+from .utils import eval_mode, flatten_rows
 
 # %% auto #0
 __all__ = ['LinearErrorFit', 'split_rows', 'r_squared', 'linear_error_fit', 'decompose_reconstruction', 'decompose_error']
@@ -90,7 +91,7 @@ def _check_rows(name: str, t, n: int | None = None) -> Tensor:
     if not isinstance(t, Tensor): raise TypeError(f"{name}: expected a torch.Tensor [n, d], got {type(t).__name__}")
     if not t.is_floating_point(): raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if t.ndim < 2: raise ValueError(f"{name}: expected rows [n, d] (leading dims are flattened), got shape {tuple(t.shape)}")
-    t = t.reshape(-1, t.shape[-1])
+    t = flatten_rows(t)
     if n is not None and len(t) != n: raise ValueError(f"{name}: expected {n} rows (as many as x), got {len(t)} (shape {tuple(t.shape)})")
     if not torch.isfinite(t).all(): raise ValueError(f"{name}: contains NaN or inf values")
     return t
@@ -176,12 +177,7 @@ def decompose_error(sae: nn.Module,        # an sae_nb SAE
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     _check_split_args(train_fraction, seed, ridge)
     groups = _check_groups(groups, len(x))
-    mode = [(m, m.training) for m in sae.modules()]
-    try:
-        sae.eval()
-        with torch.no_grad():
-            p = sae.W_dec
-            x_hat = torch.cat([sae(xb.to(p.device, p.dtype)).x_hat.to(x.device, x.dtype) for xb in x.split(batch_size)])
-    finally:
-        for m, flag in mode: m.training = flag
+    with eval_mode(sae):
+        p = sae.W_dec
+        x_hat = torch.cat([sae(xb.to(p.device, p.dtype)).x_hat.to(x.device, x.dtype) for xb in x.split(batch_size)])
     return decompose_reconstruction(x, x_hat, train_fraction, seed, ridge, groups)

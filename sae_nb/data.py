@@ -7,7 +7,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from .utils import atomic_write, bad_type, bad_value, check_int, check_number
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'derive_seed', 'seeded_generator', 'firing_profile', 'random_correlation_matrix', 'ToyFeatures',
@@ -44,15 +45,13 @@ def firing_profile(
     if profile == "uniform":
         w = torch.ones(n_features, dtype=torch.float64)
     elif profile == "linear":
-        if not 0 <= frequency_ratio <= 1:
-            raise ValueError(f"frequency_ratio must be in [0, 1], got {frequency_ratio}")
+        check_number("frequency_ratio", frequency_ratio, lo=0, hi=1)
         w = torch.linspace(1.0, frequency_ratio, n_features, dtype=torch.float64)
     elif profile == "zipf":
-        if zipf_exponent < 0:
-            raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
+        check_number("zipf_exponent", zipf_exponent, lo=0)
         w = torch.arange(1, n_features + 1, dtype=torch.float64) ** -zipf_exponent
     else:
-        raise ValueError(f"frequency_profile must be 'uniform', 'linear' or 'zipf', got {profile!r}")
+        raise bad_value("frequency_profile", "one of ('uniform', 'linear', 'zipf')", profile)
     p = w * (mean_active / w.sum())
     if p.max() > 1:
         raise ValueError(f"mean_active={mean_active} is too large for the {profile!r} profile over "
@@ -67,8 +66,7 @@ def random_correlation_matrix(
     seed: int = 0,
 ) -> torch.Tensor:  # [n, n] correlation matrix
     "A random correlation matrix (1 - strength) I + strength R with R a random rank-`rank` correlation matrix."
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    check_number("strength", strength, lo=0, hi=1)
     A = torch.randn(n, rank, generator=seeded_generator(seed, "correlation"), dtype=torch.float64)
     R = A @ A.T
     d = R.diagonal().rsqrt()
@@ -96,27 +94,22 @@ class ToyFeatures:
         orthogonal: bool | None = None,  # orthonormal features; None: when n_features <= d_in
         device=None,  # where sampled tensors are returned (draws are made on the CPU)
     ):
-        for name, v in (("d_in", d_in), ("n_features", n_features), ("seed", seed)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if d_in < 1 or n_features < 1:
-            raise ValueError(f"d_in and n_features must be >= 1, got d_in={d_in}, n_features={n_features}")
+        check_int("d_in", d_in, lo=1)
+        check_int("n_features", n_features, lo=1)
+        check_int("seed", seed)
         if firing_probs is None:
             if mean_active is None:
                 raise ValueError("give mean_active (expected true L0) or firing_probs, got neither")
-            if not 0 < mean_active <= n_features:
-                raise ValueError(f"mean_active must be in (0, n_features={n_features}], got {mean_active}")
+            check_number("mean_active", mean_active, lo=0, hi=n_features, lo_open=True)
             probs = firing_profile(n_features, float(mean_active), frequency_profile, frequency_ratio, zipf_exponent)
         else:
             probs = torch.as_tensor(firing_probs, dtype=torch.float32).flatten()
             if probs.numel() != n_features or probs.min() < 0 or probs.max() > 1:
-                raise ValueError(f"firing_probs must be {n_features} probabilities in [0, 1], "
-                                 f"got shape {tuple(torch.as_tensor(firing_probs).shape)}, range "
-                                 f"[{probs.min().item():.3g}, {probs.max().item():.3g}]")
+                raise bad_value("firing_probs", f"{n_features} probabilities in [0, 1]", [round(p, 3) for p in probs.tolist()])
             if mean_active is not None and abs(probs.sum().item() - mean_active) > 1e-3 * max(1.0, mean_active):
                 raise ValueError(f"mean_active={mean_active} disagrees with sum(firing_probs)={probs.sum().item():.4f}")
-        if magnitude_std < 0 or magnitude_mean <= 0:
-            raise ValueError(f"need magnitude_mean > 0 and magnitude_std >= 0, got {magnitude_mean}, {magnitude_std}")
+        check_number("magnitude_mean", magnitude_mean, lo=0, lo_open=True)
+        check_number("magnitude_std", magnitude_std, lo=0)
         self._rho, self._corr_root = self._correlation(correlation, n_features)
         if orthogonal is None:
             orthogonal = n_features <= d_in
@@ -143,7 +136,7 @@ class ToyFeatures:
         "(rho, None) for a scalar correlation, (None, L with L L^T = Sigma) for a matrix."
         if isinstance(correlation, (int, float)):
             if not 0 <= correlation <= 1:
-                raise ValueError(f"a scalar correlation must be in [0, 1], got {correlation}")
+                raise bad_value("correlation", "a scalar in [0, 1] or a correlation matrix", correlation)
             return float(correlation), None
         S = torch.as_tensor(correlation, dtype=torch.float64)
         if S.shape != (n, n):
@@ -170,8 +163,7 @@ class ToyFeatures:
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `n` samples of the stream: (x [n, d_in], true activations f [n, n_features]), float32."
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        check_int("n", n, lo=0)
         xs, fs, start, end = [], [], self.position, self.position + n
         while start < end:
             index, offset = divmod(start, self.chunk_size)
@@ -187,8 +179,7 @@ class ToyFeatures:
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         "Infinite generator of x batches [batch_size, d_in] continuing from the current position."
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, lo=1)
         while True:
             yield self.sample(batch_size)[0]
 
@@ -231,8 +222,7 @@ def act_scale_from_mean_sq_norm(
     d_in: int,  # activation width
 ) -> float:
     "The factor `sqrt(d_in / mean_sq_norm)` that makes the mean squared norm of scaled activations d_in."
-    if not mean_sq_norm > 0 or not math.isfinite(mean_sq_norm):
-        raise ValueError(f"mean_sq_norm must be positive and finite, got {mean_sq_norm}")
+    check_number("mean_sq_norm", mean_sq_norm, lo=0, lo_open=True)
     return math.sqrt(d_in / mean_sq_norm)
 
 # %% ../nbs/02_data.ipynb #f8fcbed2
@@ -248,12 +238,11 @@ class _TokenReader:
             self.source, self.reiterable = tokens, iter(tokens) is not tokens
             self._reset()
         else:
-            raise TypeError(f"tokens must be a LongTensor [n_seq, ctx] or an iterable of them, got {type(tokens).__name__}")
+            raise bad_type("tokens", "a LongTensor [n_seq, ctx] or an iterable of them", tokens)
 
     def _check(self, batch, what):
         if not torch.is_tensor(batch) or batch.ndim != 2 or batch.is_floating_point() or batch.is_complex():
-            shape = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
-            raise ValueError(f"{what} must be an integer tensor [n_seq, ctx], got {shape}")
+            raise bad_value(what, "an integer tensor [n_seq, ctx]", batch if torch.is_tensor(batch) else type(batch).__name__)
         if self.ctx is not None and batch.shape[1] != self.ctx:
             raise ValueError(f"{what} has ctx {batch.shape[1]}, but earlier batches had ctx {self.ctx}")
         return batch
@@ -322,12 +311,6 @@ def _tokens_digest(tokens: torch.Tensor) -> str:
     h.update(tokens.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
-def _write_atomic(path: Path, write):
-    "Call `write(tmp_path)` then rename the temporary file to `path`."
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 # %% ../nbs/02_data.ipynb #4f2da563
 class ActivationStore:
     "Shuffled batches [batch_size, d_in] of `model`'s activations at `hook_name` on `tokens` (model units), and their `act_scale`."
@@ -348,10 +331,7 @@ class ActivationStore:
     ):
         for name, v in (("batch_size", batch_size), ("n_norm_tokens", n_norm_tokens), ("model_batch_size", model_batch_size),
                         ("shard_tokens", shard_tokens), ("seed", seed)) + ((("buffer_tokens", buffer_tokens),) if buffer_tokens is not None else ()):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-            if v < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be >= 1, got {v}")
+            check_int(name, v, lo=0 if name == "seed" else 1)
         from sae_nb.lm import check_hook_name
         check_hook_name(model, hook_name)
         self.reader = _TokenReader(tokens)
@@ -448,7 +428,7 @@ class ActivationStore:
         def write_shard(block):
             name = f"shard_{len(shards):05d}.safetensors"
             block = block.cpu().contiguous()
-            _write_atomic(d / name, lambda p: save_file({"activations": block}, str(p)))
+            atomic_write(d / name, lambda p: save_file({"activations": block}, str(p)))
             shards.append(name)
         with tqdm(total=total, desc=f"caching {self.hook_name}", unit="tok", disable=not self.progress) as bar:
             for batch in self.reader.epoch(self.model_batch_size):
@@ -470,7 +450,7 @@ class ActivationStore:
                     act_scale=act_scale_from_mean_sq_norm(sq_sum / sq_n, rows.shape[1]), dtype="float32")
         if self.reader.tensor is not None:
             meta["tokens_sha256"] = _tokens_digest(self.reader.tensor)
-        _write_atomic(d / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write(d / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
         return meta
 
     def _read_cache(self, a: int, b: int) -> torch.Tensor:

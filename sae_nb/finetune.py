@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import NamedTuple
 
@@ -18,9 +17,10 @@ from .data import act_scale_from_mean_sq_norm, hook_activations
 from .lm import check_hook_name, replace_activation
 from .losses import kl_div, mse
 from .sae import SAE, VARIANTS, make_sae
+from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows, keep_modes
 
 # %% auto #0
-__all__ = ['KLLoss', 'kl_loss', 'FinetuneResult', 'kl_finetune', 'e2e_train']
+__all__ = ['VARIANCE_FLOOR', 'KLLoss', 'kl_loss', 'FinetuneResult', 'kl_finetune', 'e2e_train']
 
 # %% ../nbs/06_finetune.ipynb #1f671ad6
 class KLLoss(NamedTuple):
@@ -36,6 +36,9 @@ def _fidelity(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> Tensor:
     return torch.stack(list(fid(sae, x, latents, x_hat).values())).sum() if fid else mse(x_hat, x)
 
 
+VARIANCE_FLOOR = 1e-12   # sigma^2 is at least this, so that 1/sigma^2 stays finite on a constant batch
+
+
 def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (it reads and writes the model's units)
             model: nn.Module,          # the language model (a TransformerBridge), parameters frozen
             hook_name: str,            # where the SAE reads and writes, e.g. "blocks.0.hook_resid_post"
@@ -49,14 +52,14 @@ def kl_loss(sae: SAE,                  # the SAE, spliced in at `hook_name` (it 
     with torch.no_grad():
         clean_logits = model(tokens)
     def reconstruct(act):                       # act: [batch, ctx, d_in], model units
-        x = act.reshape(-1, act.shape[-1]).to(sae.W_dec.dtype)
+        x = flatten_rows(act).to(sae.W_dec.dtype)
         stash["x"], stash["out"] = sae.normalise(x), sae.training_loss(x, dead_mask=dead_mask)
         return stash["out"].x_hat.reshape(act.shape)
     with replace_activation(model, hook_name, reconstruct):
         spliced_logits = model(tokens)
     x, out = stash["x"], stash["out"]
     kl = kl_div(clean_logits.float(), spliced_logits.float())
-    sigma2 = (x - x.mean(0)).pow(2).sum(-1).mean().detach().clamp_min(1e-12)
+    sigma2 = (x - x.mean(0)).pow(2).sum(-1).mean().detach().clamp_min(VARIANCE_FLOOR)
     anchor = out.loss                                                  # F + S + A
     if mse_coefficient != 1: anchor = anchor + (mse_coefficient - 1) * _fidelity(sae, x, out.latents, sae.normalise(out.x_hat))
     anchor = anchor / sigma2                                           # (lambda F + S + A) / sigma^2
@@ -76,23 +79,15 @@ def _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_c
                 kl_coefficient=1.0):
     "Raise TypeError/ValueError naming the first bad argument of the fine-tuning loop."
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point() or tokens.shape[1] < 2:
-        got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens: expected an integer tensor [n_seq, ctx] with ctx >= 2, got {got}")
-    for name, v, lo in (("steps", steps, 1), ("batch_seqs", batch_seqs, 1), ("log_every", log_every, 1)):
-        if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-        if v < lo: raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
-    if batch_seqs > len(tokens): raise ValueError(f"batch_seqs: expected at most the {len(tokens)} sequences of tokens, got {batch_seqs}")
-    for name, v, lo, hi, lo_open in (("lr", lr, 0, math.inf, True), ("mse_coefficient", mse_coefficient, 0, math.inf, False),
-                                     ("kl_coefficient", kl_coefficient, 0, math.inf, False),
-                                     ("lr_decay", lr_decay, 0, 1, False)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)): raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-        if not (math.isfinite(v) and lo <= v <= hi) or (lo_open and v == lo):
-            raise ValueError(f"{name}: expected a finite number {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "") + f", got {v}")
-    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and not isinstance(grad_clip, bool) and grad_clip > 0):
-        raise ValueError(f"grad_clip: expected a number > 0 or None, got {grad_clip!r}")
-    if dead_tokens_threshold is not None and (isinstance(dead_tokens_threshold, bool) or not isinstance(dead_tokens_threshold, int)
-                                              or dead_tokens_threshold < 1):
-        raise ValueError(f"dead_tokens_threshold: expected an int >= 1 or None, got {dead_tokens_threshold!r}")
+        raise bad_value("tokens", "an integer tensor [n_seq, ctx] with ctx >= 2", tokens)
+    for name, v in (("steps", steps), ("batch_seqs", batch_seqs), ("log_every", log_every)): check_int(name, v, lo=1)
+    if batch_seqs > len(tokens): raise bad_value("batch_seqs", f"at most the {len(tokens)} sequences of tokens", batch_seqs)
+    check_number("lr", lr, lo=0, lo_open=True)
+    check_number("mse_coefficient", mse_coefficient, lo=0)
+    check_number("kl_coefficient", kl_coefficient, lo=0)
+    check_number("lr_decay", lr_decay, lo=0, hi=1)
+    check_number("grad_clip", grad_clip, lo=0, lo_open=True, none_ok=True)
+    check_int("dead_tokens_threshold", dead_tokens_threshold, lo=1, none_ok=True)
 
 
 def _batch_order(n_seq: int, batch_seqs: int, steps: int, seed: int) -> Tensor:
@@ -107,7 +102,6 @@ def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, 
                      log_every, dead_tokens_threshold, seed, progress, desc, kl_coefficient=1.0):
     "The loop `kl_finetune` and `e2e_train` share: Adam on `kl_loss`, trains `sae` in place, returns its history."
     device = next(model.parameters()).device
-    sae_mode, model_mode = sae.training, [(m, m.training) for m in model.modules()]
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     decay_steps = int(lr_decay * steps)
@@ -116,32 +110,31 @@ def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, 
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)   # tokens since each latent last fired
     history, t0 = [], time.perf_counter()
     try:
-        model.eval()
-        for p in model.parameters(): p.requires_grad_(False)
-        sae.train()
-        for step in tqdm(range(steps), disable=not progress, desc=desc):
-            toks = tokens[order[step]].to(device)
-            dead = since_fired >= dead_tokens_threshold if dead_tokens_threshold is not None else None
-            out = kl_loss(sae, model, hook_name, toks, mse_coefficient, dead_mask=dead, kl_coefficient=kl_coefficient)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            if grad_clip is not None: nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-            if not torch.isfinite(out.loss.detach()):
-                raise FloatingPointError(f"kl training: non-finite loss at step {step + 1} ({out.loss.item()}); stopped")
-            lr_now = opt.param_groups[0]["lr"]
-            opt.step(); sched.step()
-            sae.set_decoder_norm_to_unit_norm()
-            since_fired += out.latents.shape[0]
-            since_fired[(out.latents != 0).any(0)] = 0
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                row = {"step": step + 1, "tokens": (step + 1) * toks.numel(), "loss": out.loss.item(),
-                       **{k: v.item() for k, v in out.terms.items()}, "lr": lr_now, "seconds": time.perf_counter() - t0}
-                if dead is not None: row["dead_fraction"] = (since_fired >= dead_tokens_threshold).float().mean().item()
-                history.append(row)
+        with keep_modes(sae, model):              # every submodule's train/eval flag comes back
+            model.eval()
+            for p in model.parameters(): p.requires_grad_(False)
+            sae.train()
+            for step in tqdm(range(steps), disable=not progress, desc=desc):
+                toks = tokens[order[step]].to(device)
+                dead = since_fired >= dead_tokens_threshold if dead_tokens_threshold is not None else None
+                out = kl_loss(sae, model, hook_name, toks, mse_coefficient, dead_mask=dead, kl_coefficient=kl_coefficient)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                sae.remove_gradient_parallel_to_decoder_directions()
+                if grad_clip is not None: nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+                if not torch.isfinite(out.loss.detach()):
+                    raise FloatingPointError(f"kl training: non-finite loss at step {step + 1} ({out.loss.item()}); stopped")
+                lr_now = opt.param_groups[0]["lr"]
+                opt.step(); sched.step()
+                sae.set_decoder_norm_to_unit_norm()
+                since_fired += out.latents.shape[0]
+                since_fired[(out.latents != 0).any(0)] = 0
+                if (step + 1) % log_every == 0 or step + 1 == steps:
+                    row = {"step": step + 1, "tokens": (step + 1) * toks.numel(), "loss": out.loss.item(),
+                           **{k: v.item() for k, v in out.terms.items()}, "lr": lr_now, "seconds": time.perf_counter() - t0}
+                    if dead is not None: row["dead_fraction"] = (since_fired >= dead_tokens_threshold).float().mean().item()
+                    history.append(row)
     finally:
-        sae.train(sae_mode)
-        for m, flag in model_mode: m.training = flag
         for p, flag in grad_flags: p.requires_grad_(flag)
         sae.zero_grad(set_to_none=True)
     return history
@@ -165,14 +158,14 @@ def kl_finetune(sae: SAE,                   # an SAE trained on `hook_name` (e.g
                 progress: bool = False,     # show a tqdm bar
                ) -> FinetuneResult:
     "Continue training `sae` on kl_coefficient KL(clean || spliced) + (mse_coefficient F + S + A) / sigma^2; returns the SAE (a copy unless `inplace`) and the history."
-    if not isinstance(sae, SAE): raise TypeError(f"sae: expected an sae_nb SAE, got {type(sae).__name__}")
-    if not isinstance(model, nn.Module): raise TypeError(f"model: expected a torch nn.Module (TransformerBridge), got {type(model).__name__}")
+    if not isinstance(sae, SAE): raise bad_type("sae", "an sae_nb SAE", sae)
+    if not isinstance(model, nn.Module): raise bad_type("model", "a torch nn.Module (TransformerBridge)", model)
     hook_name = hook_name if hook_name is not None else sae.cfg.hook_name
-    if hook_name is None: raise ValueError("hook_name: None, and sae.cfg.hook_name is None; give the hook the SAE reads")
+    if hook_name is None: raise bad_value("hook_name", "the hook the SAE reads (sae.cfg.hook_name is None too)", None)
     check_hook_name(model, hook_name)
     _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold,
                 kl_coefficient)
-    if not isinstance(inplace, bool): raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    check_bool("inplace", inplace)
     sae = sae if inplace else copy.deepcopy(sae)
     history = _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay,
                                grad_clip, log_every, dead_tokens_threshold, seed, progress,
@@ -199,12 +192,11 @@ def e2e_train(model: nn.Module,          # the language model (a TransformerBrid
               **sae_kwargs,              # further SAEConfig fields: k=, l1_coefficient=, ...
              ) -> FinetuneResult:
     "Train a fresh SAE end to end on KL(clean || spliced) + (mse_coefficient F + S + A) / sigma^2."
-    if not isinstance(model, nn.Module): raise TypeError(f"model: expected a torch nn.Module (TransformerBridge), got {type(model).__name__}")
+    if not isinstance(model, nn.Module): raise bad_type("model", "a torch nn.Module (TransformerBridge)", model)
     check_hook_name(model, hook_name)
     _check_args(tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip, log_every, dead_tokens_threshold)
-    if variant not in VARIANTS: raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
-    if isinstance(n_norm_seqs, bool) or not isinstance(n_norm_seqs, int) or n_norm_seqs < 1:
-        raise ValueError(f"n_norm_seqs: expected an int >= 1, got {n_norm_seqs!r}")
+    check_choice("variant", variant, VARIANTS)
+    check_int("n_norm_seqs", n_norm_seqs, lo=1)
     x = hook_activations(model, tokens[:n_norm_seqs], hook_name)           # [n, d_in] raw units
     d_in = x.shape[1]
     scale = act_scale_from_mean_sq_norm(x.pow(2).sum(1).mean().item(), d_in)

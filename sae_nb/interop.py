@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .sae import SAE, SAEConfig, _atomic_write
+from .sae import SAE, SAEConfig, register_format
+from .utils import atomic_write, bad_type
 
 # %% auto #0
 __all__ = ['SAELENS_CFG', 'SAELENS_WEIGHTS', 'SAELENS_LAYOUT_VERSION', 'SAELENS_ARCHITECTURE', 'is_saelens_dir', 'to_saelens',
@@ -49,9 +50,8 @@ def to_saelens(sae: SAE,                   # the SAE to convert
               ) -> tuple[dict, dict]:
     "The SAELens `cfg.json` dict and state dict of `sae` (its eval-mode behaviour)."
     if not (isinstance(sae, torch.nn.Module) and hasattr(getattr(sae, "cfg", None), "variant")):   # duck-typed SAE
-        raise TypeError(f"sae: expected an sae_nb SAE, got {type(sae).__name__}")
-    if not isinstance(fold_act_scale, bool):
-        raise TypeError(f"fold_act_scale: expected a bool, got {fold_act_scale!r}")
+        raise bad_type("sae", "an sae_nb SAE", sae)
+    if not isinstance(fold_act_scale, bool): raise bad_type("fold_act_scale", "a bool", fold_act_scale)
     cfg, arch = sae.cfg, _architecture(sae)
     s = cfg.act_scale if fold_act_scale else 1.0
     p = {name: t.detach().cpu().clone() for name, t in sae.state_dict().items()}
@@ -86,8 +86,8 @@ def save_saelens(sae: SAE,                   # the SAE to save
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
-    _atomic_write(d / SAELENS_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(d / SAELENS_CFG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(d / SAELENS_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(d / SAELENS_CFG, lambda tmp: tmp.write_text(text))
     return d
 
 # %% ../nbs/01b_interop.ipynb #566b6261
@@ -210,3 +210,6 @@ def load_saelens(path,         # a SAELens SAE directory (cfg.json + sae_weights
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"load_saelens: {d}: {e}") from e
     return sae if device is None else sae.to(device)
+
+
+register_format("saelens", save=save_saelens, recognise=is_saelens_dir, load=load_saelens)   # SAE.save / SAE.load

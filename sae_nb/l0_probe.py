@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .utils import flatten_rows
+
 # %% auto #0
 __all__ = ['decoder_projections', 'nth_decoder_projection', 'decoder_projection_curve', 'projection_scores', 'suggest_l0']
 
@@ -30,7 +32,7 @@ def _check_x(x, d_in: int) -> Tensor:
         raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
     if x.ndim == 0 or x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dimension d_in={d_in} (the SAE's width), got shape {tuple(x.shape)}")
-    rows = x.reshape(-1, d_in)
+    rows = flatten_rows(x)
     if rows.shape[0] == 0:
         raise ValueError("x: expected at least one row, got 0")
     return rows

@@ -21,12 +21,14 @@ from safetensors.torch import load_file
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from .utils import bad_type, bad_value, check_choice, check_int, resolve_device
+
 # %% auto #0
 __all__ = ['VOCAB_SIZE', 'VAL_EVERY', 'SPLITS', 'WEIGHTS_DIR', 'DEFAULT_CONFIG', 'encode_text', 'decode_tokens', 'stdlib_root',
            'stdlib_files', 'corpus_bytes', 'describe_corpus', 'default_tokens', 'default_config', 'build_default_model',
-           'resolve_device', 'native_parameters', 'load_native_weights', 'default_model_info', 'load_model', 'lm_loss',
-           'generate_text', 'hook_names', 'check_hook_name', 'run_with_activation', 'replace_activation', 'splice',
-           'zero_ablate', 'save_tiny_hf_model']
+           'native_parameters', 'load_native_weights', 'default_model_info', 'load_model', 'lm_loss', 'generate_text',
+           'hook_names', 'check_hook_name', 'run_with_activation', 'replace_activation', 'splice', 'zero_ablate',
+           'save_tiny_hf_model', 'resolve_device']
 
 # %% ../nbs/03_lm.ipynb #7c8edf75
 VOCAB_SIZE = 256  # one token per byte value
@@ -34,7 +36,7 @@ VOCAB_SIZE = 256  # one token per byte value
 def encode_text(text: str  # any string; encoded as UTF-8
                ) -> torch.Tensor:  # LongTensor [n_bytes] of byte values 0..255
     "Tokens of `text` for the default model: its UTF-8 bytes."
-    if not isinstance(text, str): raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not isinstance(text, str): raise bad_type("text", "a str", text)
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 def decode_tokens(tokens  # tensor or list of byte values 0..255, any shape (flattened)
@@ -42,7 +44,7 @@ def decode_tokens(tokens  # tensor or list of byte values 0..255, any shape (fla
     "The text of a sequence of byte tokens; bytes that are not valid UTF-8 become U+FFFD."
     values = torch.as_tensor(tokens).flatten().tolist()
     bad = [v for v in values if not 0 <= v < VOCAB_SIZE]
-    if bad: raise ValueError(f"tokens must be byte values in 0..255, got {bad[:5]}")
+    if bad: raise bad_value("tokens", f"byte values in 0..{VOCAB_SIZE - 1}", bad[:5])
     return bytes(values).decode("utf-8", errors="replace")
 
 # %% ../nbs/03_lm.ipynb #09bf0baf
@@ -55,7 +57,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 def _check_split(split):
-    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
 
 def stdlib_files(split: str = "train"  # "train" or "val"
                 ) -> list[Path]:
@@ -98,11 +100,9 @@ def default_tokens(n_seq: int,  # number of windows
                   ) -> torch.Tensor:  # LongTensor [n_seq, ctx]
     "`n_seq` random windows of `ctx` byte tokens from the standard-library corpus."
     _check_split(split)
-    for name, v in (("n_seq", n_seq), ("ctx", ctx)):
-        if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1: raise ValueError(f"{name} must be >= 1, got {v}")
+    for name, v in (("n_seq", n_seq), ("ctx", ctx)): check_int(name, v, lo=1)
     data = corpus_bytes(split)
-    if ctx > len(data): raise ValueError(f"ctx must be at most the split's size {len(data)}, got {ctx}")
+    if ctx > len(data): raise bad_value("ctx", f"at most the split's size {len(data)}", ctx)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - ctx + 1, (n_seq,), generator=g)
     return data[starts[:, None] + torch.arange(ctx)].long()
@@ -125,13 +125,7 @@ def build_default_model(seed: int = 0, device=None, **overrides) -> TransformerB
     return TransformerBridge.boot_native(default_config(seed=seed, **overrides), device=device, model_name="sae_nb-default")
 
 # %% ../nbs/03_lm.ipynb #b307173a
-def resolve_device(device=None) -> str:
-    "`device`, or 'cuda' when a GPU is available and 'cpu' otherwise."
-    if device is None: return "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, torch.device): return str(device)
-    if not isinstance(device, str): raise TypeError(f"device must be a str, torch.device or None, got {type(device).__name__}")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"): raise ValueError(f"device must be 'cpu', 'cuda[:i]', 'mps' or None, got {device!r}")
-    return device
+_all_ = ["resolve_device"]   # defined in sae_nb.utils
 
 # %% ../nbs/03_lm.ipynb #7df017db
 def _freeze(model):
@@ -161,7 +155,7 @@ def load_model(name: str = "default",  # "default", a HuggingFace hub id, or a l
                **kwargs,  # passed on to `TransformerBridge.boot_transformers` (hub models only)
               ) -> TransformerBridge:
     "A language model as a TransformerLens 4 `TransformerBridge`, in eval mode with frozen parameters."
-    if not isinstance(name, (str, os.PathLike)): raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not isinstance(name, (str, os.PathLike)): raise bad_type("name", "a str or a path", name)
     device = resolve_device(device)
     if str(name) == "default":
         info = default_model_info()
@@ -179,7 +173,7 @@ def lm_loss(model,  # a TransformerBridge (or any callable tokens -> logits)
             per_token: bool = False,  # return the loss of each position [batch, pos-1] instead of the mean
            ) -> torch.Tensor:
     "Next-token cross-entropy of `model` on `tokens` in nats (mean over positions unless `per_token`)."
-    if tokens.ndim != 2: raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    if tokens.ndim != 2: raise bad_value("tokens", "a tensor [batch, pos]", tokens)
     logits = model(tokens)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     return loss.view(tokens.shape[0], -1) if per_token else loss.mean()
@@ -188,7 +182,7 @@ def lm_loss(model,  # a TransformerBridge (or any callable tokens -> logits)
 @torch.no_grad()
 def generate_text(model, prompt: str, n_bytes: int = 100, temperature: float = 0.0, seed: int = 0) -> str:
     "Continue `prompt` byte by byte with the default model (greedy when `temperature` is 0)."
-    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature < 0: raise bad_value("temperature", "a number >= 0", temperature)
     g = torch.Generator().manual_seed(seed)
     toks = encode_text(prompt).to(next(model.parameters()).device)
     for _ in range(n_bytes):
@@ -204,7 +198,7 @@ def hook_names(model) -> list[str]:
 
 def check_hook_name(model, hook_name: str) -> str:
     "`hook_name` if `model` has it; otherwise a ValueError listing the nearest valid names."
-    if not isinstance(hook_name, str): raise TypeError(f"hook_name must be a str, got {type(hook_name).__name__}")
+    if not isinstance(hook_name, str): raise bad_type("hook_name", "a str", hook_name)
     names = hook_names(model)
     if hook_name not in model.hook_dict:
         near = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.5)
@@ -242,7 +236,7 @@ def replace_activation(model, hook_name: str,
 def splice(model, sae,  # anything whose `sae(x).x_hat` reconstructs x in the model's units (an sae_nb SAE)
            hook_name: str):
     "Context manager in which `model` runs with the activation at `hook_name` replaced by the SAE's reconstruction."
-    if not callable(sae): raise TypeError(f"sae must be callable as sae(x).x_hat (an SAE from sae_nb.sae), got {type(sae).__name__}")
+    if not callable(sae): raise bad_type("sae", "a callable as sae(x).x_hat (an SAE from sae_nb.sae)", sae)
     with replace_activation(model, hook_name, lambda x: sae(x).x_hat): yield model
 
 @contextmanager

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .lm import (DEFAULT_CONFIG, build_default_model, corpus_bytes, default_tokens,
                        describe_corpus, lm_loss, native_parameters)
+from .utils import eval_mode
 
 # %% auto #0
 __all__ = ['LMTrainConfig', 'lr_at', 'byte_frequencies', 'unigram_entropy', 'unigram_cross_entropy', 'evaluate_lm', 'log_line',
@@ -78,11 +79,8 @@ def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor) -> float:
 # %% ../nbs/03a_lm_train.ipynb #be08f0ff
 def evaluate_lm(model, n_seq: int = 512, ctx: int = 128, seed: int = 1234, splits=("train", "val")) -> dict[str, float]:
     "Mean next-byte loss (nats/byte) of `model` on `n_seq` fixed windows of each split."
-    was_training = model.training; model.eval()
-    with torch.no_grad():
-        out = {f"{s}_loss": lm_loss(model, default_tokens(n_seq, ctx, seed=seed, split=s)).item() for s in splits}
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return {f"{s}_loss": lm_loss(model, default_tokens(n_seq, ctx, seed=seed, split=s)).item() for s in splits}
 
 def log_line(text: str):
     "Print one line of progress at once (also when stdout is a file)."

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .utils import flatten_rows
+
 # %% auto #0
 __all__ = ['CROSS_SAMPLE_PENALTIES', 'check_pair', 'mse', 'fvu', 'explained_variance', 'l2', 'l2_ratio', 'l0', 'l1', 'kl_div',
            'ce_loss_recovered', 'auxk_loss', 'frequency_penalty', 'independence_penalty', 'contrastive_penalty']
@@ -27,7 +29,7 @@ def _rows(t: Tensor, name: str) -> Tensor:
     _check_tensor(t, name)
     if t.ndim == 0:
         raise ValueError(f"{name} must have at least 1 dimension ([..., d]), got a 0-d tensor")
-    return t.reshape(-1, t.shape[-1])
+    return flatten_rows(t)
 
 
 def check_pair(x_hat: Tensor,  # reconstruction (or patched tensor)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -19,39 +17,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .losses import auxk_loss, fvu, l0, l1, mse
+from .utils import atomic_write, bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows
 import sae_nb.sparse as sparse_mod
 from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_block_decode, dead_topk_pattern,
                            decode_active, encoder_pre_acts, gather_pre_acts, nest_pattern, pattern_above,
                            reuse_pre_acts, scatter_active, topk_pattern)
 
 # %% auto #0
-__all__ = ['VARIANTS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae', 'remove_parallel_component',
-           'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'relu_select', 'relu_sparse_values',
-           'topk_activation', 'auxk_term', 'topk_aux', 'topk_select', 'batchtopk_extras', 'update_threshold',
-           'batchtopk_activation', 'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn', 'jumprelu', 'step',
-           'JumpReLUL0Fn', 'jumprelu_extras', 'init_jumprelu_thresholds', 'jumprelu_activation', 'jumprelu_l0',
-           'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values', 'gated_extras', 'gated_activation',
-           'gated_l1', 'gated_aux', 'GatedFn', 'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse',
-           'matryoshka_select', 'save_sae', 'load_sae']
-
-# %% ../nbs/01_sae.ipynb #0aa5e862
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    "Return `value` if it is an int in [lo, hi], else raise naming `name`."
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name}: expected an int {allowed}, got {value}")
-    return value
-
-
-def _check_number(name: str, value, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False) -> float:
-    "Return `value` as a float if it is a finite number in [lo, hi] (or (lo, hi]), else raise naming `name`."
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        raise ValueError(f"{name}: expected a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-    return float(value)
+__all__ = ['VARIANTS', 'SAVE_FORMATS', 'LOAD_FORMATS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae',
+           'remove_parallel_component', 'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'relu_select',
+           'relu_sparse_values', 'topk_activation', 'auxk_term', 'topk_aux', 'topk_select', 'batchtopk_extras',
+           'update_threshold', 'batchtopk_activation', 'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn',
+           'jumprelu', 'step', 'JumpReLUL0Fn', 'jumprelu_extras', 'init_jumprelu_thresholds', 'jumprelu_activation',
+           'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values', 'gated_extras',
+           'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn', 'gated_fused', 'gated_select', 'gated_sparse_values',
+           'matryoshka_mse', 'matryoshka_select', 'save_sae', 'load_sae', 'register_format']
 
 # %% ../nbs/01_sae.ipynb #8b17512f
 @dataclass
@@ -78,31 +58,28 @@ class SAEConfig:
     sparse_step: bool = True                # the sparse step (`sae_nb.sparse`): TopK family always, others once sparse
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {self.variant!r}")
-        _check_int("d_in", self.d_in, 1)
-        _check_int("d_sae", self.d_sae, 1)
+        check_choice("variant", self.variant, VARIANTS)
+        check_int("d_in", self.d_in, lo=1)
+        check_int("d_sae", self.d_sae, lo=1)
         spec = VARIANTS[self.variant]
         if spec.uses_k:
             if self.k is None:
-                raise ValueError(f"k: the {self.variant!r} variant needs k (active latents per row), got None")
-            _check_int("k", self.k, 1, self.d_sae)
-        self.aux_k = max(1, self.d_in // 2) if self.aux_k is None else _check_int("aux_k", self.aux_k, 1)
+                raise bad_value("k", f"an int in [1, {self.d_sae}] (the {self.variant!r} variant needs k, its active latents per row)", None)
+            check_int("k", self.k, lo=1, hi=self.d_sae)
+        self.aux_k = max(1, self.d_in // 2) if self.aux_k is None else check_int("aux_k", self.aux_k, lo=1)
         for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
-            setattr(self, name, _check_number(name, getattr(self, name)))
+            setattr(self, name, check_number(name, getattr(self, name), lo=0))
         for name in ("bandwidth", "threshold_init", "act_scale"):
-            setattr(self, name, _check_number(name, getattr(self, name), lo_open=True))
-        self.threshold_momentum = _check_number("threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+            setattr(self, name, check_number(name, getattr(self, name), lo=0, lo_open=True))
+        self.threshold_momentum = check_number("threshold_momentum", self.threshold_momentum, lo=0, hi=1)
         if self.variant == "matryoshka":
             self.matryoshka_prefixes = _resolve_prefixes(self.matryoshka_prefixes, self.d_sae)
         if self.unit_norm_decoder is not None and not isinstance(self.unit_norm_decoder, bool):
-            raise TypeError(f"unit_norm_decoder: expected a bool or None, got {self.unit_norm_decoder!r}")
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0)
-        if not isinstance(self.sparse_step, bool):
-            raise TypeError(f"sparse_step: expected a bool, got {self.sparse_step!r}")
+            raise bad_type("unit_norm_decoder", "a bool or None", self.unit_norm_decoder)
+        check_int("seed", self.seed, lo=0, none_ok=True)
+        check_bool("sparse_step", self.sparse_step)
         if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype) or not getattr(torch, self.dtype).is_floating_point:
-            raise ValueError(f"dtype: expected a floating torch dtype name such as 'float32', got {self.dtype!r}")
+            raise bad_value("dtype", "a floating torch dtype name such as 'float32'", self.dtype)
 
 
 def _resolve_prefixes(prefixes, d_sae: int) -> tuple[int, ...]:
@@ -111,9 +88,9 @@ def _resolve_prefixes(prefixes, d_sae: int) -> tuple[int, ...]:
         return tuple(sorted({m for m in (d_sae // 8, d_sae // 4, d_sae // 2, d_sae) if m > 0}))
     prefixes = tuple(prefixes)
     for m in prefixes:
-        _check_int("matryoshka_prefixes", m, 1, d_sae)
+        check_int("matryoshka_prefixes", m, lo=1, hi=d_sae)
     if not prefixes or list(prefixes) != sorted(set(prefixes)) or prefixes[-1] != d_sae:
-        raise ValueError(f"matryoshka_prefixes: expected strictly increasing sizes ending at d_sae={d_sae}, got {prefixes}")
+        raise bad_value("matryoshka_prefixes", f"strictly increasing sizes ending at d_sae={d_sae}", prefixes)
     return prefixes
 
 # %% ../nbs/01_sae.ipynb #9f79d703
@@ -248,7 +225,7 @@ class SAE(nn.Module):
             if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (self.cfg.d_sae,):
                 got = f"dtype {dead_mask.dtype}, shape {tuple(dead_mask.shape)}" if isinstance(dead_mask, Tensor) else type(dead_mask).__name__
                 raise ValueError(f"dead_mask: expected a bool tensor of shape ({self.cfg.d_sae},), got {got}")
-        sparsity_scale = _check_number("sparsity_scale", sparsity_scale, 0.0)
+        sparsity_scale = check_number("sparsity_scale", sparsity_scale, lo=0)
         v, zero = self.variant, x.new_zeros(())
         # the sparse step, or None with the pre-activations it computed when the variant finds them too dense
         sparse, pre = self._sparse_terms(x, dead_mask) if self._takes_sparse_step(x) else (None, None)
@@ -340,28 +317,24 @@ class SAE(nn.Module):
                    method: str = "geometric_median",   # "geometric_median" or "mean"
                   ):
         "Set `b_dec` in place to the geometric median or the mean of the rows of `x` (in training units)."
-        if method not in ("geometric_median", "mean"):
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        x = self.normalise(self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in))
+        check_choice("method", method, ("geometric_median", "mean"))
+        x = self.normalise(flatten_rows(self._check_input(x, self.cfg.d_in, finite=True)))
         self.b_dec.copy_(geometric_median(x) if method == "geometric_median" else x.mean(0))
 
     def save(self, path,
-             format: str = "sae_nb",  # "sae_nb" (model.safetensors + config.json) or "saelens" (see `sae_nb.interop`)
+             format: str = "sae_nb",  # "sae_nb" (model.safetensors + config.json) or a format in `SAVE_FORMATS` ("saelens" once `sae_nb.interop` is imported)
             ) -> Path:
         "Write the SAE into the directory `path`, each file atomically."
-        if format not in ("sae_nb", "saelens"):
-            raise ValueError(f"format: expected 'sae_nb' or 'saelens', got {format!r}")
-        if format == "saelens":
-            from sae_nb.interop import save_saelens  # imported here: sae_nb.interop imports this module
-            return save_saelens(self, path)
-        return save_sae(self, path)
+        if format not in SAVE_FORMATS:
+            raise bad_value("format", f"one of {tuple(SAVE_FORMATS)} ('saelens' after `import sae_nb.interop`)", format)
+        return SAVE_FORMATS[format](self, path)
 
     @classmethod
     def load(cls, path, device=None) -> SAE:
-        "Rebuild the SAE saved in directory `path`, in our format or SAELens's (errors name the file that is wrong)."
-        from sae_nb.interop import is_saelens_dir, load_saelens
-        if not (Path(path) / "config.json").is_file() and is_saelens_dir(path):
-            return load_saelens(path, device)
+        "Rebuild the SAE saved in directory `path`, in our format or one in `LOAD_FORMATS` (errors name the file that is wrong)."
+        if not (Path(path) / "config.json").is_file():
+            for recognise, read in LOAD_FORMATS.values():
+                if recognise(path): return read(path, device)
         return load_sae(path, device)
 
 # %% ../nbs/01_sae.ipynb #16084121
@@ -371,8 +344,7 @@ def make_sae(name: str,    # variant, one of `VARIANTS`
              **kw,         # further `SAEConfig` fields: k=, l1_coefficient=, seed=, ...
             ) -> SAE:
     "Build an `SAE` of variant `name`."
-    if name not in VARIANTS:
-        raise ValueError(f"name: expected one of {tuple(VARIANTS)}, got {name!r}")
+    check_choice("name", name, VARIANTS)
     known = [f.name for f in fields(SAEConfig)]
     unknown = sorted(set(kw) - set(known))
     if unknown:
@@ -396,7 +368,7 @@ def geometric_median(x: Tensor,          # [n, d] points (leading dims are flatt
                     ) -> Tensor:
     "Geometric median [d] of the rows of `x` by Weiszfeld's algorithm, started at the mean."
     dtype = x.dtype
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = flatten_rows(x).double()
     y = x.mean(0)
     for _ in range(n_iter):
         w = 1 / (x - y).norm(dim=-1).clamp_min(1e-12)
@@ -733,29 +705,14 @@ VARIANTS["matryoshka"] = Variant(batchtopk_activation, None, None, unit_norm_dec
                                  select=matryoshka_select)
 
 # %% ../nbs/01_sae.ipynb #02ae7d92
-def _atomic_write(path: Path, write: Callable[[str], None]):
-    "Call `write(tmp)` on a temporary file beside `path`, fsync it, then move it onto `path`."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_sae(sae: SAE, path) -> Path:
     "Write `sae` to the directory `path` as `model.safetensors` + `config.json`; returns the directory."
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     config = json.dumps(asdict(sae.cfg), indent=2)
-    _atomic_write(d / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(d / "config.json", lambda tmp: Path(tmp).write_text(config))
+    atomic_write(d / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(d / "config.json", lambda tmp: tmp.write_text(config))
     return d
 
 
@@ -793,3 +750,16 @@ def load_sae(path, device=None) -> SAE:
                              f"needs {tuple(expected[name].shape)} {expected[name].dtype}")
     sae.load_state_dict(tensors)
     return sae if device is None else sae.to(device)
+
+
+SAVE_FORMATS: dict[str, Callable] = {"sae_nb": save_sae}   # format name -> write(sae, directory) -> Path, for `SAE.save`
+LOAD_FORMATS: dict[str, tuple[Callable, Callable]] = {}    # format name -> (recognise(directory), read(directory, device)), for `SAE.load`
+
+
+def register_format(name: str,                  # the format's name, as `SAE.save(dir, format=name)` takes it
+                    save: Callable,             # save(sae, directory) -> the directory written
+                    recognise: Callable,        # recognise(directory) -> whether it holds an SAE in this format
+                    load: Callable,             # load(directory, device) -> SAE
+                   ):
+    "Teach `SAE.save` and `SAE.load` another on-disk format; a module that builds on this one registers its format when imported."
+    SAVE_FORMATS[name], LOAD_FORMATS[name] = save, (recognise, load)

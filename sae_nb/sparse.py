@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .utils import flatten_rows
+
 # %% auto #0
 __all__ = ['AUXK_BLOCK_DENSITY', 'SPARSE_MAX_DENSITY', 'ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern',
            'nest_pattern', 'dead_topk_pattern', 'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts',
@@ -270,7 +272,7 @@ class EncoderPreActs(torch.autograd.Function):
 
 def encoder_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
     "Pre-activations (x - b_dec) W_enc + b_enc of x [..., d_in] -> [..., d_sae] (five-product backward)."
-    out = EncoderPreActs.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, b_dec)
+    out = EncoderPreActs.apply(flatten_rows(x), W_enc, b_enc, b_dec)
     return out.reshape(*x.shape[:-1], W_enc.shape[-1])
 
 # %% ../nbs/01a_sparse.ipynb #27854292

@@ -27,11 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .losses import CROSS_SAMPLE_PENALTIES
-from .metrics import eval_mode
+from .metrics import DENSE_THRESHOLD, VERY_DENSE_THRESHOLD
+from .utils import atomic_write, bad_value, eval_mode, flatten_rows, resolve_device
 from .sae import SAE, VARIANTS, init_jumprelu_thresholds, make_sae
 
 # %% auto #0
-__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'DENSE_FRACTION', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',
+__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',
            'STEER_TOLERANCE', 'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp',
            'lr_factor', 'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint', 'TrainResult',
            'TrainingLoss', 'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult', 'train_step',
@@ -90,7 +91,7 @@ class TrainConfig:
     log_every: int = 10                    # steps between history entries (and progress-bar updates)
     history_path: str | None = None        # also write the history here as JSON lines
     progress: bool = True                  # show a tqdm progress bar
-    retain_cpu_memory: bool = True         # CPU: keep freed memory in the process (`retain_freed_memory`), for speed
+    retain_cpu_memory: bool = False        # opt-in, CPU: call `retain_freed_memory` (faster steps; process-wide, irreversible)
 
 # %% ../nbs/04_train.ipynb #02e2defd
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
@@ -102,7 +103,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
     def bad(name, expected):
-        raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(cfg, name)!r}")
+        raise bad_value(f"TrainConfig.{name}", expected, getattr(cfg, name))
     if cfg.variant not in VARIANTS: bad("variant", f"one of {tuple(VARIANTS)}")
     for name in ("d_in", "d_sae", "k", "aux_k"):
         v = getattr(cfg, name)
@@ -219,7 +220,7 @@ class BatchStream:
 
     def _iter(self):
         s = self.source
-        if isinstance(s, Tensor): return iter(s.reshape(-1, s.shape[-1]).split(self.batch_size))
+        if isinstance(s, Tensor): return iter(flatten_rows(s).split(self.batch_size))
         return iter(s.batches(self.batch_size) if callable(getattr(s, "batches", None)) else s)
 
     def _pull(self) -> Tensor:
@@ -291,31 +292,17 @@ def _join_tensors(obj, tensors: dict):
     return obj
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-
 def save_checkpoint(directory,       # the checkpoint directory (created if missing)
                     state: dict,     # nested dicts/lists of JSON values and tensors
                    ) -> Path:
-    "Write `state` to `directory/checkpoint.safetensors` atomically: temp file, fsync, os.replace."
+    "Write `state` to `directory/checkpoint.safetensors` atomically (`sae_nb.utils.atomic_write`: temp file, fsync, os.replace)."
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob(f".{CHECKPOINT_FILE}.*.tmp"): old.unlink(missing_ok=True)   # left by a crash
     tensors = {}
     meta = json.dumps(_split_tensors(state, "", tensors), default=str)
     data = safetensors_bytes(tensors, metadata={"state": meta})
-    path, tmp = directory / CHECKPOINT_FILE, directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
-    return path
+    return atomic_write(directory / CHECKPOINT_FILE, lambda tmp: tmp.write_bytes(data))
 
 
 def load_checkpoint(directory) -> dict | None:
@@ -357,14 +344,17 @@ class TrainingLoss(nn.Module):
         return loss, terms, out.fired
 
 
+RETAINED_HEAP_BYTES = 2**30   # M_TRIM_THRESHOLD: free heap glibc keeps instead of trimming; 1 GiB holds a dense step's 64 MB temporaries
+
+
 def retain_freed_memory() -> bool:
-    "Process-wide: tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming). False where libc has no `mallopt`."
+    "Opt-in (`TrainConfig.retain_cpu_memory`): tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming). Process-wide and irreversible; False where libc has no `mallopt`."
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # the option numbers of glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES))
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
@@ -437,7 +427,6 @@ def count_firing(tokens_since_fired: Tensor,  # [d_sae] int64, updated in place
     window_fired.add_(fired)
 
 
-DENSE_FRACTION = 0.1   # a latent firing on more than this fraction of tokens is dense (also logged: > 0.5)
 RESUME_FREE_FIELDS = ("checkpoint_dir", "checkpoint_every", "log_every", "history_path", "progress", "device", "autocast",
                       "retain_cpu_memory")
 
@@ -529,7 +518,7 @@ def _check_held_out(x, d_in: int) -> Tensor | None:
     if x is None: return None
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"held_out: expected a floating-point tensor [n, d_in], got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
-    x = x.reshape(-1, x.shape[-1]) if x.ndim else x
+    x = flatten_rows(x) if x.ndim else x
     if x.ndim != 2 or x.shape[1] != d_in or len(x) < 2:
         raise ValueError(f"held_out: expected at least 2 rows of width d_in={d_in}, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all(): raise ValueError("held_out: contains NaN or inf values; expected finite activations")
@@ -556,7 +545,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     # -- device and precision, chosen once
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     if ddp and device == "cuda": device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device_type = torch.device(device).type
     if device_type == "cuda": torch.cuda.set_device(device)
@@ -691,8 +680,8 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
                    "l0": l0_batch, "lr": lr, "sparsity_scale": sparsity_scale,
                    "sparsity_coefficient": base_coefficient * sparsity_scale, "grad_norm": grad_norm.item(),
                    "dead_fraction": (tokens_since_fired >= cfg.dead_tokens_threshold).float().mean().item(),
-                   "dense_fraction": (frequency > DENSE_FRACTION).float().mean().item(),
-                   "dense_fraction_50": (frequency > 0.5).float().mean().item(), **row_extra}
+                   "dense_fraction": (frequency > DENSE_THRESHOLD).float().mean().item(),
+                   "dense_fraction_50": (frequency > VERY_DENSE_THRESHOLD).float().mean().item(), **row_extra}
             history.append(row)
             window_fired.zero_(); window_tokens = 0
             if master and cfg.history_path is not None:
