@@ -27,6 +27,7 @@ from .sweep import (D_SAE_FACTOR, DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULT
                           check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens,
                           train_and_evaluate_config, write_report)
 from .train import TrainConfig, resolve_config, train, validate_config
+from .inspect import inspect_parser, run_inspect
 
 # %% auto #0
 __all__ = ['TRAIN_SET_BY_CLI', 'TRAIN_ALIASES', 'TRAIN_DEFAULTS', 'TRAIN_MISSING_HELP', 'TRAIN_EPILOG', 'PRINTED_METRICS',
@@ -168,7 +169,7 @@ def _numbers(values, kind=int) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `sae-nb` argument parser, with the sub-commands sweep, train and eval."
+    "The `sae-nb` argument parser, with the sub-commands sweep, train, eval and inspect."
     p = argparse.ArgumentParser(prog="sae-nb", description="Sparse autoencoders on a small language model: sweeps, training, evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(e, None)
     e.add_argument("--eval-seq", type=int, default=SWEEP_DEFAULTS["n_eval_seq"], help="held-out windows to evaluate on")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    ins = inspect_parser()                            # `sae-nb inspect` is sae_nb.inspect's own parser
+    sub.add_parser("inspect", parents=[ins], add_help=False, description=ins.description,
+                   help="write an offline HTML page of a saved SAE's latents: top contexts, histograms, logit effects")
     return p
 
 # %% ../nbs/08b_cli.ipynb #efcb7be8
@@ -372,4 +377,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = {a.dest: a for a in parser._subparsers._group_actions}["command"].choices[args.command]
-    return {"sweep": _sweep, "train": _train, "eval": _eval}[args.command](args, sub)
+    return {"sweep": _sweep, "train": _train, "eval": _eval, "inspect": run_inspect}[args.command](args, sub)

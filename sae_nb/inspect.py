@@ -26,7 +26,7 @@ from .sae import SAE
 __all__ = ['HIST_LOG10_RANGE', 'HIST_BINS', 'DEFAULT_INSPECT_TOKENS', 'topk_merge', 'hist_edges', 'hist_bin', 'LatentActivations',
            'latent_activations', 'byte_label', 'token_label', 'direct_logit_effects', 'logit_effect', 'latent_contexts',
            'format_context', 'json_for_script', 'context_glyph', 'dashboard_data', 'resolve_inspect_inputs',
-           'write_dashboard', 'inspect_parser', 'inspect_main']
+           'write_dashboard', 'inspect_parser', 'run_inspect', 'inspect_main']
 
 # %% ../nbs/05b_inspect.ipynb #adaf7f6e
 @torch.no_grad()
@@ -544,10 +544,10 @@ def inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", default=None, help="hook name (default: the one in the SAE's config.json, else blocks.0.hook_resid_post)")
     return p
 
-def inspect_main(argv: list[str] | None = None) -> int:
-    "`sae-nb inspect DIR [--out FILE] [--tokens N] [--model default] [--hook NAME]`: write the dashboard; returns the exit code."
-    p = inspect_parser()
-    args = p.parse_args(argv)
+def run_inspect(args: argparse.Namespace,   # parsed by `inspect_parser` (or the `sae-nb inspect` sub-command)
+                p: argparse.ArgumentParser,  # the parser that reports usage errors
+               ) -> int:
+    "Write the dashboard that `args` asks for; returns the exit code (usage errors exit through `p`)."
     if args.tokens < 1: p.error(f"--tokens: expected a positive int, got {args.tokens}")
     out = Path(args.out) if args.out else Path(args.dir) / "dashboard.html"
     try:
@@ -557,3 +557,10 @@ def inspect_main(argv: list[str] | None = None) -> int:
     path = write_dashboard(sae, out, model=model, hook_name=hook, n_tokens=args.tokens, name=args.dir)
     print(f"wrote {path} ({sae.cfg.d_sae} latents, {args.tokens} tokens at {hook})")
     return 0
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    "`sae-nb inspect DIR [--out FILE] [--tokens N] [--model default] [--hook NAME]`: write the dashboard; returns the exit code."
+    p = inspect_parser()
+    return run_inspect(p.parse_args(argv), p)
+

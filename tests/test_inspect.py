@@ -190,3 +190,15 @@ def test_dashboard_in_headless_chromium(tmp_path, model, small):
     broken.write_text(page.replace('<script type="application/json" id="data">{', '<script type="application/json" id="data">{{'))
     dom = _dump_dom(browser, broken)
     assert "JS error" in re.search(r'<pre id="js-errors"[^>]*>(.*?)</pre>', dom, re.S).group(1)
+
+
+def test_sae_nb_inspect_subcommand(tmp_path):
+    "`sae-nb inspect DIR` (the package's console entry point) writes the page for a saved SAE."
+    from sae_nb.cli import main
+    make_sae("topk", d_in=128, d_sae=8, k=1, seed=0, hook_name=HOOK).save(tmp_path / "sae")
+    out = tmp_path / "page.html"
+    assert main(["inspect", str(tmp_path / "sae"), "--tokens", "256", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype html"), page[:80]
+    import re
+    assert HOOK in page and not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", page)  # nothing fetched
