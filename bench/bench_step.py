@@ -2,6 +2,8 @@
 
     python bench/bench_step.py                   # default shape: d_in 512, d_sae 4096, batch 4096, k 32
     python bench/bench_step.py --config large    # d_in 768, d_sae 16 x 768
+    python bench/bench_step.py --device cuda --config wide   # d_in 768, d_sae 32 x 768 (xl: d_in 2048, d_sae 16384, k 64)
+    python bench/bench_step.py --shape 1024 8192 32 --batch 2048   # any shape: D_IN D_SAE K (and rows per step)
     python bench/bench_step.py --quick --no-peers --in-process   # the smoke run of tests/test_bench.py
 
 Every measurement runs in a fresh process (ours with this python, the peers with bench/.peers/venv's,
@@ -108,7 +110,7 @@ def matmul_peak(shape: dict, device: str, reps: int = 5) -> float:
 # -- running the workers -------------------------------------------------------------------------------------------
 def run_worker(python: str, script: Path, impl: str, variant: str, args, extra=()) -> dict:
     cmd = [python, str(script), "--impl", impl, "--variant", variant, "--config", args.config, "--device", args.device,
-           "--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), *harness.shape_flags(args), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(harness.THREADS), "PYTHONPATH": str(HERE)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
     if p.returncode != 0:
@@ -231,7 +233,7 @@ def machine() -> str:
 def profile(args):
     "Where one sae_nb step spends its time: torch.profiler's table of ops, by self CPU time."
     autocast = harness.setup(args.device)
-    shape = harness.CONFIGS[args.config]
+    shape = harness.shape_of(args)
     x = harness.make_batch(shape["d_in"], shape["batch"], args.device)
     build = sae_nb_builder(args.profile, parse_kw(args.sae_kw), parse_kw(args.train_kw), args.sparsity)
     step = build(shape, x, harness.make_dead_mask(shape["d_sae"], args.device), autocast)
@@ -245,10 +247,25 @@ def profile(args):
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
+def config_label(args) -> str:
+    "The config's name, or the shape itself when --shape or --batch overrides it: d768-s24576-k32(-b2048)."
+    if not (args.shape or args.batch): return args.config
+    s = harness.shape_of(args)
+    return f"d{s['d_in']}-s{s['d_sae']}-k{s['k']}" + (f"-b{s['batch']}" if args.batch else "")
+
+
+def check_shape(parser, args):
+    "Positive sizes, k within d_sae: an argparse error otherwise."
+    s = harness.shape_of(args)
+    if min(s.values()) < 1: parser.error(f"--shape/--batch: sizes must be positive, got {s}")
+    if s["k"] > s["d_sae"]: parser.error(f"--shape: k ({s['k']}) must be at most d_sae ({s['d_sae']})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="default", choices=list(harness.CONFIGS))
     p.add_argument("--quick", action="store_true", help="the small smoke shape (same as --config quick)")
+    harness.add_shape_args(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--rounds", type=int, default=None, help="rounds of all measurements (default 3; 2 for large)")
@@ -268,7 +285,8 @@ def main(argv=None):
     p.add_argument("--impl", help=argparse.SUPPRESS)   # worker mode: one measurement, one JSON line
     args, rest = p.parse_known_args(argv)
     if args.quick: args.config = "quick"
-    large = args.config == "large"
+    check_shape(p, args)
+    large = args.config in ("large", "wide", "xl")
     args.rounds = args.rounds or (2 if large else 3)
     args.steps = args.steps or (3 if large else 5)
 
@@ -283,18 +301,19 @@ def main(argv=None):
     if args.summarise:   # the table of an interrupted run, from the JSON it wrote after each measurement
         saved = json.loads(Path(args.summarise).read_text())
         for key in ("config", "device", "steps", "warmup", "sae_kw", "in_process"): setattr(args, key, saved["args"][key])
-        for key, default in (("train_kw", []), ("sparsity", "init")): setattr(args, key, saved["args"].get(key, default))
+        for key, default in (("train_kw", []), ("sparsity", "init"), ("shape", None), ("batch", None)):
+            setattr(args, key, saved["args"].get(key, default))
         versions = next((r["versions"] for r in saved["results"] if r["impl"] != "sae_nb"), {})
-        return report(args, harness.CONFIGS[args.config], saved["peaks"], saved["results"], versions,
+        return report(args, harness.shape_of(args), saved["peaks"], saved["results"], versions,
                       (float("nan"),) * 3, time.time(), Path(args.summarise))
     peers = not args.no_peers
     if peers and not Path(args.peers_python).exists():
         sys.exit(f"no peers venv at {args.peers_python}: run `bash bench/setup_peers.sh`, or pass --no-peers")
-    shape = harness.CONFIGS[args.config]
+    shape = harness.shape_of(args)
     load_before = os.getloadavg()
     t_start = time.time()
     date = dt.date.today().isoformat()
-    out = Path(args.out) if args.out else HERE / "results" / f"{date}-{args.config}-{args.device}.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"{date}-{config_label(args)}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results, peaks, peer_versions = [], [], {}
     for r in range(args.rounds):
@@ -312,7 +331,8 @@ def main(argv=None):
                 peer_versions = res["versions"]
             res["round"] = r
             results.append(res)
-            out.write_text(json.dumps({"partial": True, "args": vars(args), "peaks": peaks, "results": results}))
+            out.write_text(json.dumps({"partial": True, "args": vars(args), "shape": shape, "peaks": peaks,
+                                       "results": results}))
             print(f"round {r + 1}/{args.rounds} {impl:8s} {variant:10s} {res['tokens_per_s']:10,.0f} tok/s "
                   f"{res['seconds'] * 1e3:8.1f} ms/step  peak {res['peak_bytes'] / 2**20:7.0f} MB", file=sys.stderr)
     return report(args, shape, peaks, results, peer_versions, load_before, t_start, out)
@@ -326,7 +346,7 @@ def report(args, shape, peaks, results, peer_versions, load_before, t_start, out
     rounds_done = len({r["round"] for r in results})
     meta = {
         "date": dt.date.today().isoformat(), "time": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(), "device": args.device, "config": args.config, "shape": shape,
+        "machine": machine(), "device": args.device, "config": args.config, "label": config_label(args), "shape": shape,
         "threads": harness.THREADS, "rounds": rounds_done, "steps": args.steps, "warmup": args.warmup,
         "dead_fraction": harness.DEAD_FRACTION, "sae_kwargs": parse_kw(args.sae_kw),
         "train_kwargs": parse_kw(args.train_kw), "sparsity": args.sparsity,

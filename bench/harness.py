@@ -21,7 +21,33 @@ CONFIGS = {
     "default": dict(d_in=512, d_sae=4096, batch=4096, k=32),
     "large": dict(d_in=768, d_sae=768 * 16, batch=4096, k=32),
     "quick": dict(d_in=64, d_sae=512, batch=256, k=8),
+    "wide": dict(d_in=768, d_sae=768 * 32, batch=4096, k=32),    # the GPU check's shapes (bench/gpu_check.sh) ...
+    "xl": dict(d_in=2048, d_sae=2048 * 8, batch=4096, k=64),     # ... with "default"
 }
+SHAPE_KEYS = ("d_in", "d_sae", "k")   # what --shape D_IN D_SAE K sets
+
+
+def shape_of(args) -> dict:
+    "The benchmark's shape: the named `--config`, with `--shape D_IN D_SAE K` and `--batch N` (when given) over it."
+    shape = dict(CONFIGS[getattr(args, "config", "default")])
+    if getattr(args, "shape", None): shape.update(zip(SHAPE_KEYS, args.shape))
+    if getattr(args, "batch", None): shape["batch"] = args.batch
+    return shape
+
+
+def shape_flags(args) -> list[str]:
+    "The command-line flags that give a worker process the same shape overrides."
+    out = []
+    if getattr(args, "shape", None): out += ["--shape", *map(str, args.shape)]
+    if getattr(args, "batch", None): out += ["--batch", str(args.batch)]
+    return out
+
+
+def add_shape_args(p):
+    "`--shape D_IN D_SAE K` and `--batch N` on an argparse parser (the benchmark's and each worker's)."
+    p.add_argument("--shape", nargs=3, type=int, metavar=("D_IN", "D_SAE", "K"), default=None,
+                   help="override the config's d_in, d_sae and k")
+    p.add_argument("--batch", type=int, default=None, help="override the config's batch (rows per step)")
 DEAD_FRACTION = 0.1   # latents pinned dead in every implementation, so that each one runs its AuxK loss
 
 
@@ -94,7 +120,7 @@ def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
 def measure(build, args) -> dict:
     "Build the step with `build(shape, x, dead_mask, autocast)`, time it and meter its memory; the worker's result."
     autocast = setup(args.device)
-    shape = CONFIGS[args.config]
+    shape = shape_of(args)
     mem = PeakMemory(args.device).start()   # the SAE, its optimiser state, the batch and the step's transients
     x = make_batch(shape["d_in"], shape["batch"], args.device)
     dead_mask = make_dead_mask(shape["d_sae"], args.device)
@@ -105,7 +131,7 @@ def measure(build, args) -> dict:
 
 
 def worker_main(argv, builders: dict, versions: dict):
-    "Command line of a worker process: `--impl NAME --variant V --config C --device D --warmup W --steps N`; prints one JSON line."
+    "Command line of a worker process: `--impl NAME --variant V --config C --device D --warmup W --steps N [--shape D_IN D_SAE K] [--batch N]`; prints one JSON line."
     import argparse
     p = argparse.ArgumentParser()
     p.add_argument("--impl", required=True, choices=sorted({i for i, _ in builders}))
@@ -114,6 +140,7 @@ def worker_main(argv, builders: dict, versions: dict):
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    add_shape_args(p)
     args, _ = p.parse_known_args(argv)   # the caller may have flags of its own
     if (args.impl, args.variant) not in builders:
         sys.exit(f"{args.impl} has no {args.variant!r} variant here; known: {sorted(builders)}")

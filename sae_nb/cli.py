@@ -6,24 +6,158 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import io
 import json
 import math
+import re
 import sys
+import textwrap
 import time
+import tokenize
+import types
+import typing
 from pathlib import Path
 
 import torch
 
-from .sae import SAE, VARIANTS
+from .sae import SAE, VARIANTS, SAEConfig
 from .sweep import (D_SAE_FACTOR, DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULTS, LR_GRID, MAIN_VARIANTS, SWEEP_DEFAULTS,
-                          check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens, train_and_evaluate,
-                          write_report)
-
+                          check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens,
+                          train_and_evaluate_config, write_report)
+from .train import TrainConfig, resolve_config, train, validate_config
 
 # %% auto #0
-__all__ = ['PRINTED_METRICS', 'build_parser', 'load_activation_cache', 'main']
+__all__ = ['TRAIN_SET_BY_CLI', 'TRAIN_ALIASES', 'TRAIN_DEFAULTS', 'TRAIN_MISSING_HELP', 'TRAIN_EPILOG', 'PRINTED_METRICS',
+           'field_comments', 'dataclass_options', 'config_kwargs', 'build_parser', 'load_activation_cache',
+           'option_message', 'train_config_kwargs', 'main']
+
+# %% ../nbs/08b_cli.ipynb #7f9eb212
+def field_comments(cls) -> tuple[dict[str, str], dict[str, str | None]]:
+    "Each field's trailing `# comment` in the source of the dataclass `cls`, and the full-line comment (its section) above it."
+    names = {f.name for f in dataclasses.fields(cls)}
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments, sections, section, col, line, depth = {}, {}, None, None, [], 0
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.OP and tok.string in "([{": depth += 1
+        if tok.type == tokenize.OP and tok.string in ")]}": depth -= 1
+        if tok.type not in (tokenize.NEWLINE, tokenize.NL) or depth > 0:
+            if tok.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL): line.append(tok)
+            continue
+        toks, line = line, []
+        if not toks: continue
+        first = toks[0]
+        if first.type == tokenize.COMMENT and len(toks) == 1:     # a line of its own: a section heading in the class body
+            if col is None or first.start[1] == col: section = first.string.lstrip("#").strip()
+        elif first.type == tokenize.NAME and first.string in names and len(toks) > 1 and toks[1].string == ":":
+            col = first.start[1]
+            comments[first.string] = " ".join(t.string.lstrip("#").strip() for t in toks if t.type == tokenize.COMMENT)
+            sections[first.string] = section
+    return comments, sections
+
+
+def _parse_value(name: str, kind, optional: bool):
+    "An argparse `type` that reads one `kind` value (int, float, str, bool), and 'none' for None when `optional`."
+    def parse(text: str):
+        if optional and text.lower() == "none": return None
+        try:
+            if kind is bool: return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+            if kind is int:
+                try: return int(text)
+                except ValueError:
+                    v = float(text)   # 1e6 is an int; 1.5 is not
+                    if not v.is_integer(): raise
+                    return int(v)
+            return kind(text)
+        except (ValueError, KeyError, OverflowError):
+            article = "an" if kind is int else "a"
+            raise argparse.ArgumentTypeError(f"expected {article} {kind.__name__}{' or none' if optional else ''}, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parse_json_dict(text: str) -> dict:
+    try: v = json.loads(text)
+    except json.JSONDecodeError as err: raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(v, dict): raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"seed\": 1}}', got {text!r}")
+    return v
+
+
+def _option_kwargs(name: str, hint) -> dict:
+    "argparse keywords (type, nargs, action, metavar) for a field `name` of type `hint`."
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else str
+    origin = typing.get_origin(hint) or hint
+    if hint is bool and not optional: return {"action": argparse.BooleanOptionalAction}
+    if origin is tuple:
+        items = typing.get_args(hint)
+        fixed = items and Ellipsis not in items
+        kind = items[0] if items and items[0] in (int, float, str, bool) else str
+        return {"type": _parse_value(name, kind, optional), "nargs": len(items) if fixed else "+", "metavar": kind.__name__.upper()}
+    if origin is dict: return {"type": _parse_json_dict, "metavar": "JSON"}
+    kind = hint if hint in (int, float, str, bool) else str
+    return {"type": _parse_value(name, kind, optional), "metavar": kind.__name__.upper() + ("|none" if optional else "")}
+
+
+def _shown(f: dataclasses.Field) -> str:
+    v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if v is None: return "none"
+    if isinstance(v, dict): return json.dumps(v)
+    if isinstance(v, tuple): return " ".join(map(str, v))
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def dataclass_options(parser: argparse.ArgumentParser,
+                      cls,                          # a dataclass whose fields have a trailing `# comment`
+                      exclude=(),                   # fields that get no option
+                      aliases: dict | None = None,  # field -> further option strings (e.g. existing short names)
+                      defaults: dict | None = None,  # field -> the default to show, where the command's default differs
+                      missing_help: dict | None = None,  # field -> help text, for a field without a comment
+                     ) -> list[str]:
+    "Add an option `--field-name` to `parser` for each field of `cls` but `exclude`, grouped by the class's section comments; returns the field names."
+    aliases, defaults, missing_help = aliases or {}, defaults or {}, missing_help or {}
+    comments, sections = field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    groups, names = {}, []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude: continue
+        title = sections.get(f.name)
+        if title not in groups: groups[title] = parser.add_argument_group(title) if title else parser
+        text = comments.get(f.name) or missing_help.get(f.name, "")
+        help = f"{text} (default: {defaults.get(f.name, _shown(f))})".strip().replace("%", "%%")
+        groups[title].add_argument(f"--{f.name.replace('_', '-')}", *aliases.get(f.name, ()), dest=f.name,
+                                   default=argparse.SUPPRESS, help=help, **_option_kwargs(f.name, hints[f.name]))
+        names.append(f.name)
+    return names
+
+
+def config_kwargs(args: argparse.Namespace, names) -> dict:
+    "The fields among `names` given on the command line (options from `dataclass_options`), lists as tuples."
+    kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return {n: (None if v == [None] else tuple(v)) if isinstance(v, list) else v for n, v in kw.items()}
 
 # %% ../nbs/08b_cli.ipynb #d6ca5f0f
+TRAIN_SET_BY_CLI = {"d_in": "the width of the hook's activations (or of the --cache rows)"}   # TrainConfig fields without an option
+TRAIN_ALIASES = {"total_tokens": ["--tokens"], "target_l0": ["--l0"], "l1_coefficient": ["--l1"]}  # the earlier short flags
+TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s default differs from TrainConfig's
+    "d_sae": f"{D_SAE_FACTOR} x d_in",
+    "k": "the L0 target (TopK family)",
+    "target_l0": "16 when none of --k, --l1, --l0-coefficient, --target-l0 is given",
+    "total_tokens": str(SWEEP_DEFAULTS["total_tokens"]),
+    "batch_size": f"{SWEEP_DEFAULTS['batch_size']}, at most total_tokens",
+    "eval_every": str(SWEEP_DEFAULTS["eval_every"]),
+    "dead_tokens_threshold": "min(total_tokens, 2**18)",
+}
+TRAIN_MISSING_HELP = {"adam_betas": "Adam's beta1 and beta2"}   # a field whose line in TrainConfig has no comment
+TRAIN_EPILOG = ("Not options: d_in (" + TRAIN_SET_BY_CLI["d_in"] + "); the SAE's provenance, hook_name and model_name, "
+                "which enter its config through sae_kwargs from --hook and --model (or the cache's). "
+                "--out DIR gets model.safetensors and config.json (the SAE), metrics.json and train_config.json (the whole TrainConfig).")
+
+
 def _names(values) -> list[str]:
     return [v for item in values for v in item.split(",") if v]
 
@@ -38,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sae-nb", description="Sparse autoencoders on a small language model: sweeps, training, evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_options(sp, hook_default):
+    def model_options(sp, hook_default, device=True):
         sp.add_argument("--model", default="default", help="'default' (the embedded model), a HuggingFace name or a local directory")
         sp.add_argument("--hook", default=hook_default, help=f"hook name (default: {hook_default or 'the SAE config'})")
-        sp.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+        if device: sp.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
 
     s = sub.add_parser("sweep", help="train and evaluate SAEs across variants, L0 targets and seeds; write a report")
     model_options(s, DEFAULT_HOOK)
@@ -61,22 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the first seed")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    t = sub.add_parser("train", help="train one SAE on the model's activations (or a saved activation cache)")
-    model_options(t, DEFAULT_HOOK)
-    t.add_argument("--variant", default="topk", help=f"one of {', '.join(VARIANTS)}")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--l0", type=float, default=None, help="train to this L0 (any variant; default 16): k for the TopK family, "
-                   "a steered coefficient for relu, gated, jumprelu")
-    g.add_argument("--k", type=int, default=None, help="TopK family: active latents per token")
-    g.add_argument("--l1", type=float, default=None, help="relu, gated: a fixed L1 coefficient (no steering)")
-    t.add_argument("--tokens", type=int, default=SWEEP_DEFAULTS["total_tokens"], help="token budget (fewer if it converges first)")
-    t.add_argument("--batch-size", type=int, default=SWEEP_DEFAULTS["batch_size"], help="tokens per step")
-    t.add_argument("--lr", type=float, default=LR_GRID[0], help="Adam's peak learning rate")
-    t.add_argument("--d-sae", type=int, default=None, help="latents (default 4 x the activation width)")
+    t = sub.add_parser("train", help="train one SAE on the model's activations (or a saved activation cache)",
+                       usage="%(prog)s [-h] [--model MODEL] [--hook HOOK] [--cache DIR] [--out DIR] [--FIELD VALUE ...]",
+                       description="Train one SAE. Every TrainConfig field is an option (--field-name); what the command "
+                       "sets itself is said in its help.", epilog=TRAIN_EPILOG)
+    model_options(t, DEFAULT_HOOK, device=False)      # --device is TrainConfig's
     t.add_argument("--cache", default=None, help="train on this activation cache directory (from a sweep) instead of running the model")
-    t.add_argument("--out", default="sae_nb_sae", help="directory for the SAE (default ./sae_nb_sae)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--out", default="sae_nb_sae", help="directory for the SAE, its metrics and its TrainConfig (default ./sae_nb_sae)")
+    dataclass_options(t, TrainConfig, exclude=TRAIN_SET_BY_CLI, aliases=TRAIN_ALIASES, defaults=TRAIN_DEFAULTS,
+                      missing_help=TRAIN_MISSING_HELP)
 
     e = sub.add_parser("eval", help="evaluate a saved SAE on held-out tokens and print its metrics")
     e.add_argument("dir", help="directory of a saved SAE (model.safetensors + config.json)")
@@ -84,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-seq", type=int, default=SWEEP_DEFAULTS["n_eval_seq"], help="held-out windows to evaluate on")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
-
 
 # %% ../nbs/08b_cli.ipynb #efcb7be8
 def _sweep(args, parser) -> int:
@@ -124,69 +250,88 @@ def load_activation_cache(cache_dir) -> tuple[torch.Tensor, dict]:
     return torch.cat([load_file(str(d / s))["activations"] for s in meta["shards"]]), meta
 
 
-def _train_fields(args) -> dict:
-    "The TrainConfig fields that set the SAE's sparsity, from --k, --l1 or --l0 (default: L0 16)."
-    if args.k is not None:
-        if not VARIANTS[args.variant].uses_k: raise ValueError(f"--k: only the TopK family uses k, not {args.variant!r} (use --l1 or --l0)")
-        return {"k": args.k}
-    if args.l1 is not None:
-        if args.variant not in ("relu", "gated"): raise ValueError(f"--l1: only relu and gated use an L1 coefficient, not {args.variant!r}")
-        return {"l1_coefficient": args.l1}
-    target = args.l0 if args.l0 is not None else 16
-    if VARIANTS[args.variant].uses_k:
-        if int(target) != target: raise ValueError(f"--l0: the {args.variant!r} variant needs an integer L0 (its k), got {target}")
-        target = int(target)
-    return {"target_l0": target}
+def option_message(err: Exception) -> str:
+    "A `TrainConfig.<field>: ...` message from `validate_config` with the field's option in front."
+    m = re.match(r"TrainConfig\.(\w+): (.*)", str(err), re.S)
+    return f"--{m[1].replace('_', '-')} (TrainConfig.{m[1]}): {m[2]}" if m else str(err)
+
+
+def train_config_kwargs(args) -> dict:
+    "The TrainConfig fields of a `sae-nb train` command line, with the command's defaults and sparsity checks; ValueError names the option."
+    kw = config_kwargs(args, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_SET_BY_CLI])
+    variant = kw.setdefault("variant", "topk")
+    if variant not in VARIANTS: raise ValueError(f"--variant: unknown variant {variant!r}; expected one of {tuple(VARIANTS)}")
+    spec = VARIANTS[variant]
+    if kw.get("k") is not None and kw.get("target_l0") is not None:
+        raise ValueError("--k, --l0 (--target-l0): give one of them (for the TopK family the L0 target is k)")
+    if kw.get("k") is not None and not spec.uses_k:
+        raise ValueError(f"--k: only the TopK family uses k, not {variant!r} (use --l1 or --l0)")
+    for name in ("l1_coefficient", "l0_coefficient"):
+        if kw.get(name) is not None and spec.coefficient != name:
+            users = [v for v, s in VARIANTS.items() if s.coefficient == name]
+            raise ValueError(f"--{name.replace('_', '-')}: only {', '.join(users)} use {name}, not {variant!r}")
+    if all(kw.get(n) is None for n in ("k", "target_l0", "l1_coefficient", "l0_coefficient")): kw["target_l0"] = 16
+    target = kw.get("target_l0")
+    if target is not None and spec.uses_k:
+        if int(target) != target: raise ValueError(f"--l0: the {variant!r} variant needs an integer L0 (its k), got {target}")
+        kw["target_l0"] = int(target)
+    kw.setdefault("total_tokens", SWEEP_DEFAULTS["total_tokens"])
+    kw["batch_size"] = min(kw.get("batch_size", SWEEP_DEFAULTS["batch_size"]), kw["total_tokens"])
+    kw.setdefault("eval_every", SWEEP_DEFAULTS["eval_every"])
+    kw.setdefault("dead_tokens_threshold", min(kw["total_tokens"], 2**18))
+    reserved = sorted({"hook_name", "model_name"} & set(kw.get("sae_kwargs", {})))
+    if reserved: raise ValueError(f"--sae-kwargs: {reserved} come from --hook and --model (or the cache), not from sae_kwargs")
+    unknown = sorted(set(kw.get("sae_kwargs", {})) - {f.name for f in dataclasses.fields(SAEConfig)})
+    if unknown: raise ValueError(f"--sae-kwargs: unknown SAEConfig field(s) {unknown}")
+    try: validate_config(TrainConfig(**kw))   # every value checked before any work (d_in still unknown)
+    except (TypeError, ValueError) as err: raise ValueError(option_message(err)) from None
+    kw["device"] = resolve_device(kw.get("device", "auto"))
+    return kw
 
 
 def _train(args, parser) -> int:
-    from sae_nb.data import ActivationStore
+    from sae_nb.data import ActivationStore, hook_activations
     from sae_nb.metrics import evaluate
-    from sae_nb.train import TrainConfig, train
-    progress = not args.no_progress
     try:
-        if args.variant not in VARIANTS: raise ValueError(f"--variant: unknown variant {args.variant!r}; expected one of {tuple(VARIANTS)}")
-        for name, v in (("--tokens", args.tokens), ("--batch-size", args.batch_size)):
-            if v < 1: raise ValueError(f"{name}: expected a positive int, got {v}")
-        if not args.lr > 0: raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
-        fields = _train_fields(args)
-        if args.cache is not None: x, meta = load_activation_cache(args.cache)
-        else: model = check_sweep_options(args.model, args.hook, [args.variant], [1], args.device)
+        kw = train_config_kwargs(args)
+        if args.cache is not None:
+            x, meta = load_activation_cache(args.cache)
+            hook, model_name = meta["hook_name"], meta.get("model_name")
+        else:
+            model = check_sweep_options(args.model, args.hook, [kw["variant"]], [1], kw["device"])
+            hook, model_name = args.hook, args.model
     except ValueError as err:
         parser.error(str(err))
-    batch_size = min(args.batch_size, args.tokens)
-    out = Path(args.out)
+    seed, progress = kw.get("seed", 0), kw.get("progress", True)
     if args.cache is not None:   # the cache's rows, a tenth held out for convergence and for the metrics
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         n_val = max(2, len(x) // 10)
-        x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
-        cfg = TrainConfig(variant=args.variant, d_in=x.shape[1], d_sae=args.d_sae or D_SAE_FACTOR * x.shape[1], total_tokens=args.tokens,
-                          batch_size=batch_size, lr=args.lr, seed=args.seed, device=resolve_device(args.device),
-                          progress=progress, sae_kwargs={"hook_name": meta["hook_name"], "model_name": meta.get("model_name")},
-                          dead_tokens_threshold=min(args.tokens, 2**18), **fields)
-        epochs = math.ceil(args.tokens / len(x_train))
-        result = train(cfg, x_train.repeat(epochs, 1) if epochs > 1 else x_train, held_out=x_val)
-        sae = result.sae
-        metrics = {"variant": args.variant, **evaluate(sae, x_val), "converged": result.converged}
+        held_out, x_train = x[perm[:n_val]], x[perm[n_val:]]
+        epochs = math.ceil(kw["total_tokens"] / len(x_train))
+        source = x_train.repeat(epochs, 1) if epochs > 1 else x_train
     else:
-        tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_train_seq"], seed=args.seed, split="train")
-        eval_tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_eval_seq"], seed=args.seed + 1, split="val")
-        held_tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_heldout_seq"], seed=args.seed + 2, split="val")
-        from sae_nb.data import hook_activations
-        held_out = hook_activations(model, held_tokens, args.hook)
-        store = ActivationStore(model, args.hook, tokens, batch_size=batch_size, seed=args.seed, progress=progress)
-        target = fields.pop("target_l0", None)
-        sae, result, metrics = train_and_evaluate(args.variant, target, store, model, args.hook, eval_tokens,
-                                                  args.d_sae or D_SAE_FACTOR * store.d_in, args.tokens, batch_size, args.lr,
-                                                  held_out=held_out, seed=args.seed, device=resolve_device(args.device),
-                                                  progress=progress, model_name=args.model,
-                                                  eval_every=SWEEP_DEFAULTS["eval_every"], **fields)
+        tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_train_seq"], seed=seed, split="train")
+        eval_tokens = sweep_tokens(model, SWEEP_DEFAULTS["n_eval_seq"], seed=seed + 1, split="val")
+        held_out = hook_activations(model, sweep_tokens(model, SWEEP_DEFAULTS["n_heldout_seq"], seed=seed + 2, split="val"), hook)
+        source = ActivationStore(model, hook, tokens, batch_size=kw["batch_size"], seed=seed, progress=progress)
+    d_in = held_out.shape[-1]
+    cfg = TrainConfig(**{**kw, "d_in": d_in, "d_sae": kw.get("d_sae") or D_SAE_FACTOR * d_in,   # provenance set at construction
+                         "sae_kwargs": {**kw.get("sae_kwargs", {}), "hook_name": hook, "model_name": model_name}})
+    try: cfg = resolve_config(cfg, source)         # k or the L0 target within d_sae, now that d_sae is known
+    except ValueError as err: parser.error(option_message(err))
+    if args.cache is not None:
+        result = train(cfg, source, held_out=held_out)
+        sae = result.sae
+        metrics = {"variant": cfg.variant, **evaluate(sae, held_out), "converged": result.converged}
+    else:
+        sae, result, metrics = train_and_evaluate_config(cfg, source, model, hook, eval_tokens, held_out=held_out)
+    out = Path(args.out)
     sae.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     _print_metrics(metrics, as_json=False)
     print(f"saved to {out}")
     return 0
-
 
 # %% ../nbs/08b_cli.ipynb #342ad544
 PRINTED_METRICS = ("l0", "fvu", "explained_variance", "l2_ratio", "dead_fraction", "dense_fraction", "ce_clean",

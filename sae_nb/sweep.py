@@ -28,8 +28,8 @@ from .train import TrainConfig, train
 # %% auto #0
 __all__ = ['DEFAULT_HOOK', 'MAIN_VARIANTS', 'DEFAULT_L0_TARGETS', 'D_SAE_FACTOR', 'LR_GRID', 'L0_TOLERANCE', 'SWEEP_DEFAULTS',
            'FAST_DEFAULTS', 'ROW_COLUMNS', 'REPORT_COLUMNS', 'COLUMN_NOTES', 'sweep_tokens', 'resolve_device',
-           'load_sweep_model', 'check_sweep_options', 'row_flags', 'train_and_evaluate', 'run_sweep', 'summarise',
-           'anchor_checks', 'markdown_table', 'write_report']
+           'load_sweep_model', 'check_sweep_options', 'row_flags', 'train_and_evaluate_config', 'train_and_evaluate',
+           'run_sweep', 'summarise', 'anchor_checks', 'markdown_table', 'write_report']
 
 # %% ../nbs/08a_sweep.ipynb #c147cf93
 DEFAULT_HOOK = "blocks.0.hook_resid_post"    # the residual stream between the default model's two blocks
@@ -136,6 +136,28 @@ def row_flags(row: dict) -> str:
     return "; ".join(flags)
 
 
+def train_and_evaluate_config(cfg: TrainConfig,   # the whole run, provenance (hook_name, model_name) in its sae_kwargs
+                              store: ActivationStore,  # training activations
+                              model: nn.Module, hook_name: str,
+                              eval_tokens: torch.Tensor,  # held-out tokens [n_seq, ctx] for the final metrics
+                              held_out: torch.Tensor | None = None,  # [n, d_in] held-out activations: convergence
+                             ):
+    "Train one SAE as `cfg` says on `store` (until its held-out FVU plateaus) and evaluate it on `eval_tokens`; returns (sae, TrainResult, row)."
+    t0 = time.perf_counter()
+    result = train(cfg, store, held_out=held_out)
+    train_s = time.perf_counter() - t0
+    sae, t0 = result.sae, time.perf_counter()
+    m = evaluate(sae, model=model, hook_name=hook_name, tokens=eval_tokens)
+    coefficient = sae.variant.coefficient
+    row = dict(variant=cfg.variant, l0_target=cfg.target_l0, seed=cfg.seed, lr=cfg.lr, **m, delta_ce=m["ce_spliced"] - m["ce_clean"],
+               converged=result.converged, tokens=result.steps * cfg.batch_size,
+               sparsity_coefficient=getattr(sae.cfg, coefficient) if coefficient else float("nan"),
+               heldout_fvu=result.evals[-1]["fvu"] if result.evals else float("nan"),
+               train_seconds=train_s, eval_seconds=time.perf_counter() - t0)
+    row["flags"] = row_flags(row)
+    return sae, result, row
+
+
 def train_and_evaluate(variant: str,            # SAE variant
                        l0_target: int,          # the L0 it is trained to (k for the TopK family, steered otherwise)
                        store: ActivationStore,  # training activations
@@ -144,26 +166,14 @@ def train_and_evaluate(variant: str,            # SAE variant
                        d_sae: int, total_tokens: int, batch_size: int, lr: float,
                        held_out: torch.Tensor | None = None,  # [n, d_in] held-out activations: convergence and lr pick
                        seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
-                       **train_kw,              # further TrainConfig fields (eval_every, sae_kwargs, ...)
+                       **train_kw,              # further TrainConfig fields (eval_every, dead_tokens_threshold, sae_kwargs, ...)
                       ):
-    "Train one SAE to `l0_target` on `store` (until its held-out FVU plateaus) and evaluate it on `eval_tokens`; returns (sae, TrainResult, row)."
+    "`train_and_evaluate_config` on the sweep's TrainConfig for one point: returns (sae, TrainResult, row)."
     sae_kwargs = {**train_kw.pop("sae_kwargs", {}), "hook_name": hook_name, "model_name": model_name}
     cfg = TrainConfig(variant=variant, target_l0=l0_target, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size,
                       lr=lr, seed=seed, device=device, progress=progress, sae_kwargs=sae_kwargs,
-                      dead_tokens_threshold=min(total_tokens, 2**18), **train_kw)
-    t0 = time.perf_counter()
-    result = train(cfg, store, held_out=held_out)
-    train_s = time.perf_counter() - t0
-    sae, t0 = result.sae, time.perf_counter()
-    m = evaluate(sae, model=model, hook_name=hook_name, tokens=eval_tokens)
-    coefficient = sae.variant.coefficient
-    row = dict(variant=variant, l0_target=l0_target, seed=seed, lr=lr, **m, delta_ce=m["ce_spliced"] - m["ce_clean"],
-               converged=result.converged, tokens=result.steps * batch_size,
-               sparsity_coefficient=getattr(sae.cfg, coefficient) if coefficient else float("nan"),
-               heldout_fvu=result.evals[-1]["fvu"] if result.evals else float("nan"),
-               train_seconds=train_s, eval_seconds=time.perf_counter() - t0)
-    row["flags"] = row_flags(row)
-    return sae, result, row
+                      **{"dead_tokens_threshold": min(total_tokens, 2**18), **train_kw})
+    return train_and_evaluate_config(cfg, store, model, hook_name, eval_tokens, held_out=held_out)
 
 
 # %% ../nbs/08a_sweep.ipynb #d0c14bb9
@@ -300,7 +310,7 @@ COLUMN_NOTES = {   # one sentence per column of the report's tables
     "name": "the SAE's directory under `saes/`.",
     "variant": "the SAE variant (see `sae_nb.sae`).",
     "l0_target": "the L0 it was trained to: k for TopK and BatchTopK; for ReLU-L1, Gated and JumpReLU the sparsity "
-                 "coefficient was steered to reach it, then held fixed for the final learning-rate decay.",
+                 "coefficient was steered to reach it, and held fixed from convergence on (steered on through the final decay by a run that did not converge).",
     "seed": "the seed of its initialisation and of its data order.",
     "seeds": "how many seeds the row averages over.",
     "lr": "Adam's peak learning rate, picked per variant from the grid (see 'Learning rates').",

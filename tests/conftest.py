@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (tests/test_cuda.py; "
+                                       "bash bench/gpu_check.sh runs them on a GPU)")
+
+
 # Tests run on CPU with the threads CI has; keep them deterministic.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

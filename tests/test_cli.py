@@ -2,6 +2,7 @@
 
 The default model's weights may be absent (while they are being trained); the sweep then runs on an
 untrained model of the same architecture, which exercises the same code path."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import sys
 import pytest
 
 import sae_nb.sweep
-from sae_nb.cli import main
+from sae_nb.cli import TRAIN_SET_BY_CLI, field_comments, main
+from sae_nb.train import TrainConfig, lr_factor
 from sae_nb.lm import WEIGHTS_DIR, build_default_model
 
 TINY = ["--l0", "8", "--tokens", "2048", "--d-sae", "256", "--fast", "--no-progress"]
@@ -81,12 +83,62 @@ def test_train_steers_a_coefficient_variant_to_l0(report, tmp_path):
     assert json.loads((out / "config.json").read_text())["l1_coefficient"] != 2.0   # steered away from the default
 
 
+def test_train_help_lists_every_field(capsys, monkeypatch):
+    "`sae-nb train --help`: an option for every TrainConfig field, with its comment and default; the rest named as set by the command."
+    monkeypatch.setenv("COLUMNS", "1000")          # one line per option: comments are not wrapped
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    lines, key = {}, None                          # option -> its help entry (an entry may go on over two lines)
+    for line in text.splitlines():
+        if line.strip().startswith("--"): key = line.split()[0]
+        elif not line.startswith("      "): key = None
+        if key: lines[key] = " ".join([lines.get(key, ""), line.strip()])
+    comments, _ = field_comments(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TRAIN_SET_BY_CLI:
+            assert f.name in text.split("Not options:")[1], f.name
+            continue
+        line = lines[f"--{f.name.replace('_', '-')}"] if f.type != "bool" else lines[f"--{f.name.replace('_', '-')},"]
+        assert comments[f.name] in line and "(default: " in line, (f.name, line)
+    assert "--tokens" in lines["--total-tokens"] and "--l0" in lines["--target-l0"] and "--l1" in lines["--l1-coefficient"]
+
+
+def test_train_sets_fields_without_a_flag_before(report, tmp_path):
+    "Fields `sae-nb train` did not reach before (lr_decay, adam_betas, converge_tol, log_every, history_path, sae_kwargs) take effect."
+    out, history = tmp_path / "run", tmp_path / "history.jsonl"
+    assert main(["train", "--variant", "topk", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--d-sae", "128",
+                 "--lr-decay", "0.3", "--adam-betas", "0.8", "0.99", "--converge-tol", "0.05", "--log-every", "1",
+                 "--no-stop-when-converged",
+                 "--history-path", str(history), "--sae-kwargs", '{"threshold_momentum": 0.5}',
+                 "--cache", str(report / "activations"), "--out", str(out), "--no-progress"]) == 0
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["lr_decay"], cfg["adam_betas"], cfg["converge_tol"], cfg["log_every"], cfg["stop_when_converged"]) == \
+        (0.3, [0.8, 0.99], 0.05, 1, False)
+    assert cfg["d_in"] > 0 and cfg["d_sae"] == 128 and cfg["k"] == 4 and cfg["progress"] is False
+    sae_cfg = json.loads((out / "config.json").read_text())      # sae_kwargs and provenance reach the SAE at construction
+    assert sae_cfg["threshold_momentum"] == 0.5 and sae_cfg["hook_name"] == sae_nb.sweep.DEFAULT_HOOK
+    lrs = [json.loads(line)["lr"] for line in history.read_text().splitlines()]
+    steps = 4096 // 256
+    assert len(lrs) == steps and lrs[0] == pytest.approx(3e-3)           # one entry per step
+    assert lrs == pytest.approx([3e-3 * lr_factor(s, steps, 0, 0.3) for s in range(steps)])   # decays over 30% of the run
+    assert lrs != pytest.approx([3e-3 * lr_factor(s, steps, 0, 0.2) for s in range(steps)])   # not the default 20%
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sweep", "--variants", "relu,topkk"], "unknown variant"),
     (["sweep", "--hook", "blocks.7.hook_resid_post"], "hook_name"),
     (["sweep", "--model", "./no/such/model"], "model"),
     (["train", "--variant", "nope"], "unknown variant"),
     (["train", "--variant", "topk", "--l0", "7.5"], "integer"),
+    (["train", "--lr-decay", "1.5"], "--lr-decay (TrainConfig.lr_decay): expected a fraction of the run in [0, 1), got 1.5"),
+    (["train", "--converge-tol", "abc"], "argument --converge-tol: expected a float, got 'abc'"),
+    (["train", "--adam-betas", "0.9"], "argument --adam-betas: expected 2 arguments"),
+    (["train", "--adam-betas", "0.9", "1.5"], "--adam-betas (TrainConfig.adam_betas): expected two numbers in [0, 1)"),
+    (["train", "--sae-kwargs", "[1]"], "argument --sae-kwargs: expected a JSON object"),
+    (["train", "--sae-kwargs", '{"no_such_field": 1}'], "--sae-kwargs: unknown SAEConfig field(s) ['no_such_field']"),
+    (["train", "--variant", "topk", "--k", "4", "--l0", "8"], "give one of them"),
     (["sweep", "--seeds", "0"], "--seeds"),
     (["eval", "/no/such/sae"], "no saved SAE"),
 ])
