@@ -638,6 +638,7 @@ class GatedFn(torch.autograd.Function):
         gate = F.relu(pre)                                   # ReLU(pi): the L1 and the aux term read it
         latents = (pre - b_enc).mul_(scale).add_(b_mag).relu_().mul_(torch.sign(gate))   # H(pi) = sign(ReLU(pi))
         ctx.save_for_backward(gate, latents, scale, b_mag)
+        ctx.pre_dtype = pre.dtype
         return latents, gate
 
     @staticmethod
@@ -654,6 +655,7 @@ class GatedFn(torch.autograd.Function):
         if g_gate is not None:
             d_gate = torch.sign(gate).mul_(g_gate)           # ReLU'(pi) g
             g_pre = d_gate if g_pre is None else g_pre.add_(d_gate)
+        g_pre = None if g_pre is None else g_pre.to(ctx.pre_dtype)    # pi's gradient in pi's dtype (bf16 under autocast)
         return g_pre, g_benc, g_r, g_bmag
 
 

@@ -141,23 +141,34 @@ def _sampled_dot(g: Tensor, W: Tensor, pat: ActivePattern, like: Tensor) -> Tens
         S = torch.sparse_csr_tensor(pat.offsets, pat.col, like, (pat.offsets.numel() - 1, pat.n_cols))
         return torch.sparse.sampled_addmm(S, g, W.t(), beta=0.0).values()
 
+# %% ../nbs/01a_sparse.ipynb #01a46b23
+def _dtypes(*inputs) -> tuple:
+    "The dtype of each tensor among a Function's inputs (None for the others): what `_as_inputs` casts back to."
+    return tuple(t.dtype if isinstance(t, Tensor) else None for t in inputs)
+
+
+def _as_inputs(ctx, *grads) -> tuple:
+    "The gradients a backward returns, each in the dtype of its input (`ctx.dtypes`); None stays None."
+    return tuple(g if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+
 # %% ../nbs/01a_sparse.ipynb #2c83aba1
 class GatherPreActs(torch.autograd.Function):
     "The pre-activations (x - b_dec) W_enc + b_enc read at the active pairs, with a backward over those pairs only."
     @staticmethod
     def forward(ctx, pre_acts, x_c, W_enc, b_enc, b_dec, pat):
         ctx.save_for_backward(x_c, W_enc)
-        ctx.pat = pat
+        ctx.pat, ctx.dtypes = pat, _dtypes(pre_acts, x_c, W_enc, b_enc, b_dec, pat)
         return pre_acts.reshape(-1)[pat.row * pat.n_cols + pat.col]
 
     @staticmethod
     def backward(ctx, g):
         x_c, W_enc = ctx.saved_tensors
         pat, need = ctx.pat, ctx.needs_input_grad
+        g = g.to(W_enc.dtype)                                               # the pairs' gradient in the parameters' dtype
         g_W = _gather_rows_by_col(x_c, g, pat).t() if need[2] else None     # (S^T x_c)^T = x_c^T S
         g_b = _col_sum(g, pat) if need[3] or need[4] else None             # column sums of S
         g_bdec = -(W_enc @ g_b) if need[4] else None                        # -W_enc (S^T 1)
-        return None, None, g_W, g_b if need[3] else None, g_bdec, None
+        return _as_inputs(ctx, None, None, g_W, g_b if need[3] else None, g_bdec, None)
 
 
 class DecodeActive(torch.autograd.Function):
@@ -165,7 +176,7 @@ class DecodeActive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, W_dec, pat):
         ctx.save_for_backward(a, W_dec)
-        ctx.pat = pat
+        ctx.pat, ctx.dtypes = pat, _dtypes(a, W_dec, pat)
         return F.embedding_bag(pat.col, W_dec, pat.offsets, per_sample_weights=a.to(W_dec.dtype), mode="sum",
                                include_last_offset=True)
 
@@ -173,25 +184,25 @@ class DecodeActive(torch.autograd.Function):
     def backward(ctx, g):
         a, W_dec = ctx.saved_tensors
         pat, need = ctx.pat, ctx.needs_input_grad
-        g = g.contiguous()
-        g_a = _sampled_dot(g, W_dec, pat, a.detach()) if need[0] else None      # (g W_dec^T) at the pattern
-        g_W = _gather_rows_by_col(g, a, pat, out_rows=True) if need[1] else None  # S^T g
-        return g_a, g_W, None
+        g = g.to(W_dec.dtype).contiguous()
+        g_a = _sampled_dot(g, W_dec, pat, a.detach().to(g.dtype)) if need[0] else None   # (g W_dec^T) at the pattern
+        g_W = _gather_rows_by_col(g, a, pat, out_rows=True) if need[1] else None           # S^T g
+        return _as_inputs(ctx, g_a, g_W, None)
 
 
 class ScatterActive(torch.autograd.Function):
     "The dense [n, d_sae] latents, written into a given buffer (zeros except at the active pairs)."
     @staticmethod
     def forward(ctx, a, out, pat):
-        ctx.pat = pat
+        ctx.pat, ctx.dtypes = pat, _dtypes(a, out, pat)
         ctx.mark_dirty(out)
-        out.zero_().view(-1)[pat.row * pat.n_cols + pat.col] = a
+        out.zero_().view(-1)[pat.row * pat.n_cols + pat.col] = a.to(out.dtype)   # in the buffer's dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         pat = ctx.pat
-        return g.reshape(-1)[pat.row * pat.n_cols + pat.col], None, None
+        return _as_inputs(ctx, g.reshape(-1)[pat.row * pat.n_cols + pat.col], None, None)
 
 # %% ../nbs/01a_sparse.ipynb #04f25cce
 def gather_pre_acts(pre_acts, x_c, W_enc, b_enc, b_dec, pat):
@@ -224,17 +235,19 @@ class GatherColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre_acts, x_c, W_enc, b_enc, b_dec, cols):
         ctx.save_for_backward(x_c, W_enc, cols)
+        ctx.dtypes = _dtypes(pre_acts, x_c, W_enc, b_enc, b_dec, cols)
         return pre_acts.index_select(1, cols)
 
     @staticmethod
     def backward(ctx, g):
         x_c, W_enc, cols = ctx.saved_tensors
-        need, g = ctx.needs_input_grad, g.to(x_c.dtype)
-        g_W = torch.zeros_like(W_enc).index_copy_(1, cols, x_c.t() @ g) if need[2] else None   # x_c^T G in columns D
-        s = g.sum(0) if need[3] or need[4] else None                                            # 1^T G  [m]
+        need = ctx.needs_input_grad
+        xg = (x_c.t().to(g.dtype) @ g).to(W_enc.dtype) if need[2] else None                    # x_c^T G, in G's dtype
+        g_W = torch.zeros_like(W_enc).index_copy_(1, cols, xg) if need[2] else None             # ... in columns D
+        s = g.sum(0, dtype=W_enc.dtype) if need[3] or need[4] else None                         # 1^T G  [m]
         g_b = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, cols, s) if need[3] else None
         g_bdec = -(W_enc.index_select(1, cols) @ s) if need[4] else None
-        return None, None, g_W, g_b, g_bdec, None
+        return _as_inputs(ctx, None, None, g_W, g_b, g_bdec, None)
 
 
 def dead_block_decode(pre_acts, x_c, W_enc, b_enc, b_dec, W_dec,
@@ -258,16 +271,17 @@ class EncoderPreActs(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec):
         x_c = x - b_dec
         ctx.save_for_backward(x_c, W_enc)
+        ctx.dtypes = _dtypes(x, W_enc, b_enc, b_dec)
         return torch.addmm(b_enc, x_c, W_enc)         # the bias added inside the product: no second [n, d_sae] pass
 
     @staticmethod
     def backward(ctx, g):
         x_c, W_enc = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_x = g @ W_enc.t() if need[0] else None
-        g_W = x_c.t() @ g if need[1] else None
-        g_b = g.sum(0) if need[2] or need[3] else None
-        return g_x, g_W, g_b if need[2] else None, -(W_enc @ g_b) if need[3] else None
+        g_x = g @ W_enc.t().to(g.dtype) if need[0] else None     # the two dense products in g's dtype
+        g_W = x_c.t().to(g.dtype) @ g if need[1] else None
+        g_b = g.sum(0, dtype=W_enc.dtype) if need[2] or need[3] else None
+        return _as_inputs(ctx, g_x, g_W, g_b if need[2] else None, -(W_enc @ g_b) if need[3] else None)
 
 
 def encoder_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
@@ -298,15 +312,16 @@ class ReusePreActs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_c, W_enc, b_enc, b_dec, box):
         ctx.save_for_backward(x_c, W_enc)
+        ctx.dtypes = _dtypes(x_c, W_enc, b_enc, b_dec, box)
         return box[0]                 # the tensor itself (passed boxed, not as an input): no copy
 
     @staticmethod
     def backward(ctx, g):
         x_c, W_enc = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_W = x_c.t() @ g if need[1] else None
-        g_b = g.sum(0) if need[2] or need[3] else None
-        return None, g_W, g_b if need[2] else None, -(W_enc @ g_b) if need[3] else None, None
+        g_W = x_c.t().to(g.dtype) @ g if need[1] else None      # the dense product in g's dtype
+        g_b = g.sum(0, dtype=W_enc.dtype) if need[2] or need[3] else None
+        return _as_inputs(ctx, None, g_W, g_b if need[2] else None, -(W_enc @ g_b) if need[3] else None, None)
 
 
 def reuse_pre_acts(pre_acts, x_c, W_enc, b_enc, b_dec):

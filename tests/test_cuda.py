@@ -2,8 +2,9 @@
 sparse step gives the dense formulas' loss and gradients, resume continues the run, DDP over two GPUs.
 
 Marked `cuda` and skipped on a machine without a GPU; `bash bench/gpu_check.sh` runs them on one
-(or `pytest -m cuda tests/test_cuda.py`). Each check is a function of the device and the autocast mode, so the
-same code can be tried on the CPU under bf16 autocast (`check_*(..., device="cpu", autocast="bfloat16")`).
+(or `pytest -m cuda tests/test_cuda.py`). Each check is a function of the device and the autocast mode, and the
+training and sparse-vs-dense checks also run here on the CPU under bf16 autocast (not marked: they need no GPU),
+with every custom autograd Function's gradients checked to come back in the dtype of its input.
 
 Tolerances. bf16 keeps 8 bits of mantissa (a relative rounding step of 2**-8 = 0.4%), so where the sparse and
 dense steps differ only by the order of bf16 products and sums, whole tensors are compared by their norm:
@@ -25,6 +26,7 @@ import torch
 
 import sae_nb
 import sae_nb.sae as sae_mod
+import sae_nb.sparse as sparse_mod
 import sae_nb.train as train_module
 from sae_nb.data import ToyFeatures
 from sae_nb.sae import SAE, VARIANTS, make_sae
@@ -61,6 +63,32 @@ def assert_norm_close(a, b, rtol, atol, msg=""):
     assert err <= rtol * ref + atol, f"{msg}: |a - b| = {err:.3g} against |b| = {ref:.3g} (rtol {rtol}, atol {atol})"
 
 
+# Autograd casts a gradient a Function returns in another dtype than its input's, silently; the precision rule of
+# sae_nb.sparse returns each in its input's dtype, which the CPU tests check on every Function.
+CUSTOM_FUNCTIONS = (sparse_mod.GatherPreActs, sparse_mod.DecodeActive, sparse_mod.ScatterActive, sparse_mod.GatherColumns,
+                    sparse_mod.EncoderPreActs, sparse_mod.ReusePreActs, sae_mod.JumpReLUFn, sae_mod.StepFn,
+                    sae_mod.JumpReLUL0Fn, sae_mod.GatedFn)
+
+
+def record_gradient_dtypes(monkeypatch) -> tuple[list, set]:
+    "Wrap the custom Functions: (gradients returned in another dtype than their input's, names of the Functions whose backward ran)."
+    wrong, ran = [], set()
+    for cls in CUSTOM_FUNCTIONS:
+        def forward(ctx, *args, _fwd=cls.forward):
+            ctx.input_dtypes = [a.dtype if isinstance(a, torch.Tensor) else None for a in args]
+            return _fwd(ctx, *args)
+        def backward(ctx, *grads, _bwd=cls.backward, _name=cls.__name__):
+            out = _bwd(ctx, *grads)
+            ran.add(_name)
+            for i, (g, d) in enumerate(zip(out if isinstance(out, tuple) else (out,), ctx.input_dtypes)):
+                if g is not None and g.dtype != d:
+                    wrong.append(f"{_name}, input {i}: gradient {g.dtype} for a {d} input")
+            return out
+        monkeypatch.setattr(cls, "forward", staticmethod(forward))
+        monkeypatch.setattr(cls, "backward", staticmethod(backward))
+    return wrong, ran
+
+
 # -- every variant trains under bf16 autocast ------------------------------------------------------------------
 
 def check_trains(variant: str, device: str = "cuda", autocast: str = "auto", monkeypatch=None):
@@ -95,17 +123,14 @@ def test_each_variant_trains_on_cuda_with_bf16_autocast(variant, monkeypatch):
     check_trains(variant, "cuda", "auto", monkeypatch)
 
 
-# The same path on the CPU (TrainConfig(autocast="bfloat16")), no GPU needed. It fails at the first backward:
-# under autocast the forward products come out in bf16, so the custom autograd Functions of sae_nb.sparse and
-# the fused nodes of sae_nb.sae get a bf16 gradient while their saved tensors are fp32 ("expected m1 and m2 to
-# have the same dtype", "sampled_addmm: Expected mat1 and self to have the same dtype"). CUDA takes the same code.
-# With the Functions' inputs and incoming gradients cast to fp32, every check of this file passes on the CPU
-# under bf16 autocast. Once sae_nb is fixed these XPASS, which strict=True reports: then remove the mark.
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="custom autograd Functions get a bf16 gradient against fp32 saved tensors under autocast")
+# The same path on the CPU (TrainConfig(autocast="bfloat16")), no GPU needed: the custom autograd Functions of
+# sae_nb.sparse and the fused nodes of sae_nb.sae get bf16 products and gradients next to fp32 parameters there, as
+# on CUDA, and hand every gradient back in its input's dtype.
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_bf16_autocast_training_on_cpu(variant):
-    check_trains(variant, "cpu", "bfloat16")
+def test_bf16_autocast_training_on_cpu(variant, monkeypatch):
+    wrong, ran = record_gradient_dtypes(monkeypatch)
+    check_trains(variant, "cpu", "bfloat16", monkeypatch)
+    assert ran and not wrong, wrong
 
 
 # -- the sparse step against the dense formulas, under autocast ------------------------------------------------
@@ -184,6 +209,37 @@ def check_sparse_matches_dense(name: str, device: str = "cuda", tol=BF16_NORM):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_sparse_step_matches_dense_on_cuda_under_bf16_autocast(name):
     check_sparse_matches_dense(name, "cuda")
+
+
+# The same comparison on the CPU under bf16 autocast, with AuxK's two paths (the dead block, the sparse pattern)
+# forced in turn for the TopK family (as tests/test_sparse.py does in fp32).
+CPU_CASES = [(name, "block") for name in VARIANTS] + [(name, "pattern") for name in TOPK_FAMILY]
+
+
+@pytest.mark.parametrize("name,aux_path", CPU_CASES)
+def test_sparse_step_matches_dense_on_cpu_under_bf16_autocast(name, aux_path, monkeypatch):
+    monkeypatch.setattr(sparse_mod, "AUXK_BLOCK_DENSITY", 0.0 if aux_path == "block" else 2.0)
+    wrong, ran = record_gradient_dtypes(monkeypatch)
+    check_sparse_matches_dense(name, "cpu")
+    assert not wrong, wrong
+    if name in TOPK_FAMILY:
+        assert ("GatherColumns" in ran) == (aux_path == "block"), ran
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_latents_carry_gradient_on_cpu_under_bf16_autocast(name, monkeypatch):
+    "A penalty on the latents `training_loss` returns trains the encoder through the sparse step's scatter, as densely."
+    wrong, ran = record_gradient_dtypes(monkeypatch)
+    sparse, dense, x = ladder_pair(name, "cpu")
+    grads = []
+    for sae in (sparse, dense):
+        with bf16_autocast("cpu"):
+            out = sae.training_loss(x)
+        (out.loss + out.latents.float().pow(2).mean()).backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    assert "ScatterActive" in ran and not wrong, (ran, wrong)
+    for pname, g in grads[1].items():
+        assert_norm_close(grads[0][pname], g, **BF16_NORM, msg=f"grad {pname}")
 
 
 # -- resume on the GPU -----------------------------------------------------------------------------------------
