@@ -310,7 +310,7 @@ COLUMN_NOTES = {   # one sentence per column of the report's tables
     "name": "the SAE's directory under `saes/`.",
     "variant": "the SAE variant (see `sae_nb.sae`).",
     "l0_target": "the L0 it was trained to: k for TopK and BatchTopK; for ReLU-L1, Gated and JumpReLU the sparsity "
-                 "coefficient was steered to reach it, and held fixed from convergence on (steered on through the final decay by a run that did not converge).",
+                 "coefficient was steered to reach it, and held fixed once the final decay brought the learning rate below a quarter of its peak.",
     "seed": "the seed of its initialisation and of its data order.",
     "seeds": "how many seeds the row averages over.",
     "lr": "Adam's peak learning rate, picked per variant from the grid (see 'Learning rates').",

@@ -33,10 +33,10 @@ from .sae import SAE, VARIANTS, init_jumprelu_thresholds, make_sae
 
 # %% auto #0
 __all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',
-           'STEER_TOLERANCE', 'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp',
-           'lr_factor', 'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint', 'TrainResult',
-           'TrainingLoss', 'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult', 'train_step',
-           'count_firing', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
+           'STEER_TOLERANCE', 'STEER_HOLD_LR', 'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config',
+           'resolve_config', 'ramp', 'lr_factor', 'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint',
+           'TrainResult', 'TrainingLoss', 'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult',
+           'train_step', 'count_firing', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
@@ -58,7 +58,7 @@ class TrainConfig:
     aux_coefficient: float | None = None   # TopK family: weight of the AuxK loss
     sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field, passed to make_sae
     target_l0: float | None = None         # aim at this L0: k for the TopK family; relu, gated, jumprelu: the steered coefficient
-    l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * lr_t / lr * clip(log(L0 / target_l0), -1, 1)
+    l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * clip(log(L0 / target_l0), -1, 1)
     l0_steer_start: float = 0.1            # the steered coefficient starts at this times its configured value
     # the data and the optimiser
     normalise: bool = True                 # train on x * act_scale with mean squared norm d_in (the SAE keeps act_scale)
@@ -461,6 +461,7 @@ def steer(integral: float,    # u_t, the controller's integral part (the log of 
 
 
 STEER_TOLERANCE = 0.05   # a steered run counts as converged only with its held-out L0 within 5% of the target
+STEER_HOLD_LR = 0.25     # the steered coefficient is held once the final decay brings the lr below this share of its peak
 JUMPRELU_INIT_DENSITY = 0.25   # steered JumpReLU: thresholds start where this share of the latents fires on the first batch
 
 
@@ -654,9 +655,9 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
         l0_batch = fired.sum().item() / cfg.batch_size
-        if steered and not converged:                         # held from convergence on; the gain follows the lr
-            steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0,
-                                              cfg.l0_steer_rate * lr / sched.base_lrs[0])
+        holding = step > schedule.decay_start and lr < STEER_HOLD_LR * sched.base_lrs[0]   # the end of the decay
+        if steered and not holding:
+            steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0, cfg.l0_steer_rate)
 
         # -- held-out evaluation; a plateau starts the final decay
         row_extra = {}
