@@ -30,6 +30,7 @@ class Case:
     name: str                                   # what this case tests, shown in error messages
     args: tuple                                 # positional arguments of the learner's function
     kwargs: dict = field(default_factory=dict)  # keyword arguments (rarely needed)
+    hint: str | None = None                     # the mistake this case is there to catch, when no known one matches
 
 
 def _fmt(v) -> str:
@@ -39,6 +40,16 @@ def _fmt(v) -> str:
             return f"{v.item():.6g}" + ("" if v.ndim == 0 else f" (shape {list(v.shape)})")
         return f"tensor{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
     return v if isinstance(v, str) else repr(v)
+
+
+def _show(v, digits: int = 4) -> str:
+    "A small argument or result in full: a tensor's values to `digits` significant digits, nested as its dims."
+    if not isinstance(v, Tensor):
+        return repr(v)
+    t = v.detach().cpu()
+    if t.ndim == 0:
+        return str(bool(t)) if t.dtype == torch.bool else f"{t.item():.{digits}g}"
+    return "[" + ", ".join(_show(s, digits) for s in t) + "]"
 
 
 def _where(case: Case) -> str:
@@ -75,10 +86,10 @@ def _hint(got, case: Case, wrong: dict, default: str) -> str:
     return default
 
 
-def _fail(check: str, case: Case, expected, got, hint: str):
-    "Raise the ExerciseError of a case whose result differs from the reference."
+def _fail(check: str, case: Case, expected, got, hint: str, more: str = ""):
+    "Raise the ExerciseError of a case whose result differs from the reference (`more`: further lines to show)."
     raise ExerciseError(f"{check}: wrong result\n{_where(case)}\n  expected: {_fmt(expected)}\n"
-                        f"  got:      {_fmt(got)}\n  hint: {hint}")
+                        f"  got:      {_fmt(got)}\n  hint: {hint}{more}")
 
 
 def _check_callable(check: str, fn):
@@ -104,6 +115,34 @@ def _scalar(check: str, got, case: Case) -> Tensor:
     return got.reshape(())
 
 
+def _small_example(fn: Callable, reference: Callable, small: list, names: tuple) -> str:
+    "Lines showing the first of the `small` cases on which `fn` and `reference` differ, inputs in full ('' if none)."
+    for case in small:
+        try:
+            got, expected = fn(*case.args, **case.kwargs), reference(*case.args, **case.kwargs)
+            if isinstance(got, (int, float)):
+                got = torch.tensor(float(got))
+        except Exception:
+            continue
+        if not _close(got, expected):
+            args = "\n".join(f"    {n} = {_show(a)}" for n, a in zip(names, case.args))
+            return (f"\n  a small input on which yours differs ({case.name}):\n{args}\n"
+                    f"    expected {_show(expected)}, got {_show(got) if isinstance(got, Tensor) else repr(got)}")
+    return ""
+
+
+def _ratio_hint(got: Tensor, expected: Tensor, factors: dict, what: str) -> str | None:
+    "If got / expected is one of `factors` (name -> value) or its inverse, a hint naming it, else None."
+    if not (expected.abs() > 1e-12 and torch.isfinite(got)):
+        return None
+    r = (got.double() / expected.double()).item()
+    for name, f in factors.items():
+        for value, times in ((f, f"{name} times"), (1 / f, f"1/{name} of")):
+            if f != 1 and abs(r / value - 1) < 1e-4:
+                return f"your result is {times} the expected one ({name} = {f:g}): {what}"
+    return None
+
+
 def _check_grad(check: str, fn: Callable, case: Case, arg: int, arg_name: str):
     "ExerciseError unless `fn`'s result on `case` is differentiable wrt its argument number `arg`."
     args = list(case.args)
@@ -118,6 +157,9 @@ def _check_grad(check: str, fn: Callable, case: Case, arg: int, arg_name: str):
 def _check_scalar_loss(check: str, fn: Callable, cases: list, reference: Callable, wrong: dict, default_hint: str,
                        grad_arg: tuple[int, str] = (0, "x_hat"),  # (position, name) of an argument the loss must be differentiable in
                        extra: Callable | None = None,  # a further check, extra(fn), run before the success line
+                       small: list = (),  # tiny cases shown in full when a case fails
+                       names: tuple = (),  # the argument names, for showing the small cases
+                       ratio: Callable | None = None,  # ratio(got, expected, case) -> a hint or None, tried after `wrong`
                       ):
     "Compare a learner's scalar loss with `reference` on every case, then check it is differentiable."
     _check_callable(check, fn)
@@ -125,7 +167,9 @@ def _check_scalar_loss(check: str, fn: Callable, cases: list, reference: Callabl
         expected = reference(*case.args, **case.kwargs)
         got = _scalar(check, _call(check, fn, case), case)
         if not _close(got, expected):
-            _fail(check, case, expected, got, _hint(got, case, wrong, default_hint))
+            hint = _hint(got, case, wrong, None)
+            hint = hint or (ratio(got, expected, case) if ratio else None) or case.hint or default_hint
+            _fail(check, case, expected, got, hint, _small_example(fn, reference, small, names))
     _check_grad(check, fn, cases[0], *grad_arg)
     if extra is not None:
         extra(fn)
@@ -133,21 +177,34 @@ def _check_scalar_loss(check: str, fn: Callable, cases: list, reference: Callabl
 
 # %% ../nbs/09_course.ipynb #a298bc1e
 def _recon_cases(seed: int = 0) -> list[Case]:
-    "Inputs (x_hat, x[, mean]) shared by the MSE and FVU checkers."
+    "Inputs (x_hat, x) shared by the MSE and FVU checkers."
     g = torch.Generator().manual_seed(seed)
     scale = torch.logspace(-1, 1, 8)                                        # per-dimension spread 0.1 .. 10
-    x = torch.randn(64, 8, generator=g) * scale + 3.0                       # far from the origin
+    means = torch.linspace(-12.0, 16.0, 8)                                  # per-dimension means -12 .. 16
+    x = torch.randn(64, 8, generator=g) * scale + means
     x_hat = x + 0.5 * torch.randn(64, 8, generator=g)
     x3 = torch.randn(4, 16, 8, generator=g) + 0.5 * torch.arange(16.0)[None, :, None]  # mean depends on pos
     x3_hat = x3 + 0.3 * torch.randn(4, 16, 8, generator=g)
     x0 = x.clone()
     x0[::4] = 0.0                                                            # every fourth row is zero
-    mu = x.mean(0) + torch.randn(8, generator=g)                             # a dataset mean != the batch mean
-    return [Case("rows [64, 8] far from the origin", (x_hat, x)),
+    return [Case("rows [64, 8], per-dimension means -12 .. 16, spreads 0.1 .. 10", (x_hat, x)),
             Case("3-D input [4, 16, 8]: leading dims are flattened", (x3_hat, x3)),
             Case("some rows all zero", (x_hat, x0)),
             Case("perfect reconstruction", (x.clone(), x)),
             Case("x_hat = the batch mean of x", (x.mean(0).expand_as(x).clone(), x))]
+
+
+def _small_recon_cases() -> list[Case]:
+    "Tiny inputs (x_hat, x), shown in full when a reconstruction checker fails."
+    x = torch.tensor([[1.0, 10.0], [3.0, 20.0], [2.0, 45.0]])
+    x_hat = torch.tensor([[1.5, 12.0], [2.5, 18.0], [2.0, 40.0]])
+    return [Case("3 rows, d = 2", (x_hat, x)),
+            Case("3-D [1, 3, 2]", (x_hat[None], x[None]))]
+
+
+def _middle_sum(t: Tensor) -> Tensor:
+    "`t` [..., d] summed over d and over every dim between the first and the last: one value per first-dim index."
+    return t.sum(-1).sum(tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t.sum(-1)
 
 
 def check_mse(fn: Callable,  # your mse(x_hat, x) -> 0-d tensor
@@ -157,13 +214,16 @@ def check_mse(fn: Callable,  # your mse(x_hat, x) -> 0-d tensor
         "you average over d instead of summing: mse is the mean over rows of the SUM over d of (x - x_hat)^2 "
         "(torch's F.mse_loss averages over every element, which divides by d too)":
             lambda x_hat, x: (x - x_hat).pow(2).mean(),
-        "you sum over rows: take the mean over rows (of the per-row sum over d)":
+        "you sum over rows: take the mean over rows (of the per-row sum over d), not the sum":
             lambda x_hat, x: (x - x_hat).pow(2).sum(),
         "you take the square root per row: that is l2, the mean of ||x - x_hat||_2; mse squares the norm":
             lambda x_hat, x: (x - x_hat).pow(2).sum(-1).sqrt().mean(),
+        "you sum over the middle dims (positions) as well: flatten ALL leading dims into rows, then average over them":
+            lambda x_hat, x: _middle_sum((x - x_hat).pow(2)).mean(),
     }
     _check_scalar_loss("check_mse", fn, _recon_cases()[:3], mse, wrong,
-                       "mse = (x - x_hat)^2 summed over the last dim, then averaged over all rows (leading dims flattened)")
+                       "mse = (x - x_hat)^2 summed over the last dim, then averaged over all rows (leading dims flattened)",
+                       small=_small_recon_cases(), names=("x_hat", "x"))
 
 # %% ../nbs/09_course.ipynb #d597b157
 def check_fvu(fn: Callable,  # your fvu(x_hat, x, mean=None) -> 0-d tensor
@@ -178,10 +238,18 @@ def check_fvu(fn: Callable,  # your fvu(x_hat, x, mean=None) -> 0-d tensor
         xs = flatten_rows(x)
         return xs - (xs.mean(0) if mean is None else mean)
 
+    def sse(x_hat, x):
+        return (flatten_rows(x) - flatten_rows(x_hat)).pow(2)
+
+    scalar_mean = "you centre with ONE scalar mean over all entries (x.mean()); centre each dimension by its own mean, the vector x.mean(0) of shape [d]"
     wrong = {
         "your FVU divides by the mean of x squared, not the variance about the mean: centre x first "
         "(x - mu, mu the batch mean of x or the given `mean`)":
             lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / x.pow(2).sum(),
+        scalar_mean:
+            lambda x_hat, x, mean=None: sse(x_hat, x).sum() / (x - (x.mean() if mean is None else mean)).pow(2).sum(),
+        scalar_mean + " (torch's x.var() is the variance of all entries about one scalar mean, with n - 1)":
+            lambda x_hat, x, mean=None: F.mse_loss(x_hat, x) / x.var(),
         "you ignore the given `mean`: when `mean` is passed, the baseline predicts that mean, not the batch mean":
             lambda x_hat, x, mean=None: fvu(x_hat, x),
         "the leading dims are not flattened: centre with the mean over ALL rows (x.reshape(-1, d).mean(0)), "
@@ -189,18 +257,26 @@ def check_fvu(fn: Callable,  # your fvu(x_hat, x, mean=None) -> 0-d tensor
             lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (x - (x.mean(0) if mean is None else mean)).pow(2).sum(),
         "you average a ratio per dimension: FVU is ONE ratio, of the squared error summed over rows and dims to the "
         "squared deviation from the mean summed over rows and dims":
-            lambda x_hat, x, mean=None: ((flatten_rows(x) - flatten_rows(x_hat)).pow(2).sum(0) / centred(x_hat, x, mean).pow(2).sum(0)).mean(),
+            lambda x_hat, x, mean=None: (sse(x_hat, x).sum(0) / centred(x_hat, x, mean).pow(2).sum(0)).mean(),
         "you average a ratio per row: FVU is ONE ratio of sums over all rows":
-            lambda x_hat, x, mean=None: ((flatten_rows(x) - flatten_rows(x_hat)).pow(2).sum(-1) / centred(x_hat, x, mean).pow(2).sum(-1)).mean(),
+            lambda x_hat, x, mean=None: (sse(x_hat, x).sum(-1) / centred(x_hat, x, mean).pow(2).sum(-1)).mean(),
         "you return the explained variance 1 - FVU; FVU is the unexplained fraction":
             lambda x_hat, x, mean=None: 1 - fvu(x_hat, x, mean),
         "you divide by the variance with Bessel's correction (n - 1) or by the std: use the plain sum of squared "
         "deviations from the mean, so that predicting the mean gives exactly 1":
-            lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (centred(x_hat, x, mean).pow(2).sum() * flatten_rows(x).shape[0] / (flatten_rows(x).shape[0] - 1)),
+            lambda x_hat, x, mean=None: sse(x_hat, x).sum() / (centred(x_hat, x, mean).pow(2).sum() * flatten_rows(x).shape[0] / (flatten_rows(x).shape[0] - 1)),
     }
+
+    def ratio(got, expected, case):
+        n, d = flatten_rows(case.args[1]).shape
+        return _ratio_hint(got, expected, {"n (rows)": n, "d": d, "n*d": n * d},
+                           "you reduce the squared error and the squared deviation differently (a mean in one, a sum in "
+                           "the other); FVU is a ratio of two SUMS over rows and dims (or of two means over the same entries)")
+
     _check_scalar_loss("check_fvu", fn, cases, fvu, wrong,
                        "fvu = sum of (x - x_hat)^2 over rows and dims / sum of (x - mu)^2 over rows and dims, with mu "
-                       "the batch mean of the flattened rows of x, or `mean` when given")
+                       "the batch mean of the flattened rows of x, or `mean` when given",
+                       small=_small_recon_cases(), names=("x_hat", "x"), ratio=ratio)
 
 # %% ../nbs/09_course.ipynb #fd34327c
 def _l1_cases(seed: int = 0) -> list[Case]:
@@ -220,6 +296,13 @@ def _l1_cases(seed: int = 0) -> list[Case]:
             Case("negative latents: |f| counts", (signed, W_dec))]
 
 
+def _small_l1_cases() -> list[Case]:
+    "Tiny inputs (latents, W_dec), shown in full when the L1 checker fails."
+    W_dec = torch.tensor([[3.0, 4.0], [0.0, 0.5], [1.0, 0.0]])             # row norms 5, 0.5, 1
+    return [Case("2 rows, 3 latents", (torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 0.0]]), W_dec)),
+            Case("a negative latent", (torch.tensor([[0.5, 0.0, -2.0], [0.0, 1.0, 0.0]]), W_dec))]
+
+
 def check_l1(fn: Callable,  # your l1(latents, W_dec) -> 0-d tensor
             ):
     "Check a learner's decoder-weighted `l1(latents, W_dec)` against `sae_nb.losses.l1`."
@@ -230,16 +313,19 @@ def check_l1(fn: Callable,  # your l1(latents, W_dec) -> 0-d tensor
             lambda f, W: flatten_rows(f).abs().sum(-1).mean(),
         "you weight by the squared decoder norm: use the norm ||W_dec[i]||_2 itself":
             lambda f, W: (flatten_rows(f).abs() * norms(W).pow(2)).sum(-1).mean(),
+        "you weight by the norm of the whole W_dec (one number): weight each latent by the norm of ITS row, W_dec.norm(dim=1)":
+            lambda f, W: flatten_rows(f).abs().sum(-1).mean() * W.norm(),
         "you forget the absolute value: a negative latent costs |f_i|, not f_i":
             lambda f, W: (flatten_rows(f) * norms(W)).sum(-1).mean(),
-        "you sum over rows: average over rows (of the per-row sum over latents)":
+        "you sum over rows: average over rows (of the per-row sum over latents), not the sum":
             lambda f, W: (flatten_rows(f).abs() * norms(W)).sum(),
         "you average over latents too: sum over the latents, average over rows":
             lambda f, W: (flatten_rows(f).abs() * norms(W)).mean(),
     }
     _check_scalar_loss("check_l1", fn, _l1_cases(), l1, wrong,
                        "l1 = sum over latents of |f_i| * ||W_dec[i]||_2 (norm of row i of W_dec [d_sae, d_in]), "
-                       "averaged over rows (leading dims flattened)", grad_arg=(0, "latents"))
+                       "averaged over rows (leading dims flattened)", grad_arg=(0, "latents"),
+                       small=_small_l1_cases(), names=("latents", "W_dec"))
 
 # %% ../nbs/09_course.ipynb #8772de21
 def _reference_topk(pre_acts: Tensor, k: int) -> Tensor:
@@ -265,6 +351,14 @@ def _topk_cases(seed: int = 0) -> list[Case]:
             Case("k = d_sae (keep every positive value)", (z, 32))]
 
 
+def _row(t: Tensor, r: int, nonzero: bool = False) -> str:
+    "Row `r` of the flattened rows of `t`: every value, or {latent: value} of its non-zeros."
+    v = flatten_rows(t.detach())[r].tolist()
+    if nonzero:
+        return "{" + ", ".join(f"{i}: {x:.3g}" for i, x in enumerate(v) if x != 0) + "}"
+    return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+
+
 def _topk_problem(got: Tensor, pre: Tensor, k: int) -> str | None:
     "What is wrong with `got` as ReLU(TopK_k(pre)) (None if nothing), tolerant of ties."
     expected = _reference_topk(pre, k)
@@ -272,17 +366,50 @@ def _topk_problem(got: Tensor, pre: Tensor, k: int) -> str | None:
         shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
         return f"expected latents of the shape of pre_acts {list(pre.shape)}, got {shape}: keep every entry, zero the ones not in the top k"
     got = got.detach()
-    if (got < 0).any():
-        return (f"negative values kept (min {got.min().item():.4g}): ReLU the kept values, a kept pre-activation "
-                "below 0 must become 0")
-    n_on = flatten_rows(got != 0).sum(-1)
-    if (n_on > k).any():
-        r = int((n_on > k).nonzero()[0])
-        return f"row {r} has {int(n_on[r])} non-zero latents, more than k={k}: keep exactly k per row (not k+1)"
-    on = got != 0
-    if not torch.equal(got[on], pre[on]):
+    for d in range(pre.ndim - 1):                          # the top k along another dim (over rows)?
+        if pre.shape[d] < k:
+            continue
+        vals, idx = pre.topk(k, dim=d)
+        for v in (F.relu(vals), vals):
+            other = torch.zeros_like(pre).scatter(d, idx, v)
+            if not torch.equal(other, expected) and torch.equal(got, other):
+                return (f"you took the top k along dim {d} of pre_acts {list(pre.shape)} (over the rows) instead of the "
+                        f"last dim (over the latents): each latent column keeps k = {k} rows, and rows keep "
+                        f"{int((got != 0).sum(-1).min())} to {int((got != 0).sum(-1).max())} latents; use topk(k, dim=-1)")
+    G, P, E = flatten_rows(got), flatten_rows(pre), flatten_rows(expected)
+    if (G < 0).any():
+        r, c = [int(i) for i in (G < 0).nonzero()[0]]
+        return (f"negative values kept, so the ReLU after the top k is missing: row {r} keeps {G[r, c].item():.3g} at latent {c}, a negative "
+                "pre-activation; ReLU the kept values, so a kept pre-activation below 0 becomes 0")
+    by_abs = P.abs().topk(k, dim=-1).indices
+    if not torch.equal(by_abs.sort(-1).values, P.topk(k, dim=-1).indices.sort(-1).values) and \
+            torch.equal(G, torch.zeros_like(P).scatter(-1, by_abs, F.relu(P.gather(-1, by_abs)))):
+        return ("the kept values are not the k largest of their row: you ranked by |z|; take the top k of the signed "
+                "pre-activations z along the LAST dim")
+    n_on, n_exp = (G != 0).sum(-1), (E != 0).sum(-1)
+    if not torch.equal(n_on, n_exp):
+        kth = P.topk(k, dim=-1).values[:, -1]
+        n_tied = (P == kth[:, None]).sum(-1)
+        bad = n_on != n_exp
+        r = int(bad.nonzero()[0])
+        if ((n_tied > 1) & (kth > 0))[bad].all():
+            return (f"ties at the k-th value: row {r} has {int(n_tied[r])} pre-activations equal to its k-th largest "
+                    f"value {kth[r].item():.3g}, and you kept {int(n_on[r])} latents where k = {k}. Keep exactly k per "
+                    "row: any k of the tied values (as torch.topk does); a test z >= (k-th value) keeps every tied "
+                    "value, z > (k-th value) drops them all")
+        full = n_exp == k                                  # rows whose k largest are all positive
+        for delta in (-1, 1):
+            if full.any() and bad[full].all() and (n_on[full] == k + delta).all():
+                sign = "+" if delta > 0 else "-"
+                more = f", more than k={k}: keep exactly k per row (not k+1)" if delta > 0 else ": keep exactly k per row"
+                return f"kept k{sign}1 = {k + delta} latents per row where k = {k}{more}"
+        return (f"row {r} keeps {int(n_on[r])} non-zero latents where k = {k} and {int(n_exp[r])} of its k largest "
+                "pre-activations are positive: keep exactly the k largest per row, ReLU'd"
+                + (f" (more than k={k})" if n_on[r] > k else ""))
+    on = G != 0
+    if not torch.equal(G[on], P[on]):
         return "a kept latent differs from its pre-activation: keep the value of z itself (ReLU'd), not a rescaled one"
-    if not torch.equal(got.sort(-1).values, expected.sort(-1).values):
+    if not torch.equal(G.sort(-1).values, E.sort(-1).values):
         return ("the kept values are not the k largest of their row: take the top k of the signed pre-activations "
                 "(not of |z|) along the LAST dim")
     return None
@@ -297,13 +424,14 @@ def check_topk(fn: Callable,  # your topk(pre_acts, k) -> latents of the shape o
         got = _call("check_topk", fn, case)
         problem = _topk_problem(got, *case.args)
         if problem:
-            expected = _reference_topk(*case.args)
-            if isinstance(got, Tensor) and got.shape == expected.shape:   # show the first row that differs
-                d = expected.shape[-1]
-                r = int((flatten_rows(got.detach()) != flatten_rows(expected)).any(-1).nonzero()[0]) if not torch.equal(got, expected) else 0
-                row = lambda t: "{" + ", ".join(f"{i}: {v:.3g}" for i, v in enumerate(flatten_rows(t.detach())[r].tolist()) if v != 0) + "}"
-                expected, got = f"row {r} non-zeros {row(expected)}", f"row {r} non-zeros {row(got)}"
-            _fail("check_topk", case, expected, got, problem)
+            pre, k = case.args
+            expected, more = _reference_topk(pre, k), ""
+            if isinstance(got, Tensor) and got.shape == expected.shape:   # show the first row that differs, and its input
+                differs = (flatten_rows(got.detach()) != flatten_rows(expected)).any(-1)
+                r = int(differs.nonzero()[0]) if differs.any() else 0
+                more = f"\n  row {r} of pre_acts: {_row(pre, r)}"
+                expected, got = f"row {r} non-zeros {_row(expected, r, True)}", f"row {r} non-zeros {_row(got, r, True)}"
+            _fail("check_topk", case, expected, got, problem, more)
     z, k = cases[0].args
     z = z.clone().requires_grad_(True)
     got = _call("check_topk", fn, cases[0], (z, k))
@@ -365,6 +493,54 @@ def _ste_wrong(kernel_width: float = 1.0, sign: float = -1.0, theta_factor: bool
     return Wrong.apply
 
 
+def _elements(z: Tensor, theta: Tensor, expected: Tensor, got: Tensor, at: Tensor, n: int = 4) -> str:
+    "Lines showing z, theta, the expected and your value at the first `n` positions where `at` is True."
+    theta = theta.expand_as(z)
+    lines = [f"    z[{', '.join(map(str, i))}] = {z[tuple(i)].item():.4g}, theta = {theta[tuple(i)].item():.4g}: "
+             f"expected {expected[tuple(i)].item():.4g}, got {got[tuple(i)].item():.4g}"
+             for i in at.nonzero()[:n].tolist()]
+    return f"\n  where they differ ({int(at.sum())} of {at.numel()} entries; the first {len(lines)}):\n" + "\n".join(lines)
+
+
+def _ste_forward_hint(got: Tensor, z: Tensor, theta: Tensor, eps: float) -> str:
+    "The known forward mistake `got` shows, else the general hint."
+    H = (z > theta).to(z.dtype)
+    known = {"the forward is z * H(z - theta) with a STRICT >: a latent exactly at its threshold is 0 (yours keeps it)":
+                 z * (z >= theta).to(z.dtype),
+             "you return ReLU(z): the threshold is missing; a latent at or below theta must be 0": F.relu(z),
+             "you return the step H(z - theta) itself: multiply it by z": H,
+             "you subtract the threshold (a shifted ReLU): above theta JumpReLU passes z itself, not z - theta":
+                 (z - theta) * H}
+    for hint, w in known.items():
+        if _close(got, w):
+            return hint
+    window = ((z - theta).abs() < eps / 2).expand_as(z)
+    if isinstance(got, Tensor) and got.shape == z.shape:
+        diff = ~torch.isclose(got.detach().double(), (z * H).double(), rtol=1e-4, atol=1e-6)
+        if diff.any() and not (diff & ~window).any():
+            return ("your forward differs from z * H(z - theta) only inside the kernel window |z - theta| < eps/2: a "
+                    "term added to carry the gradient must not change the value; add s - s.detach(), not s")
+    return ("the forward is z * H(z - theta) with a STRICT >: a latent at or below its threshold is 0, above it "
+            "passes z unchanged")
+
+
+def _ste_z_hint(gz: Tensor | None, ez: Tensor, z: Tensor, theta: Tensor, eps: float, g_out: Tensor) -> str:
+    "What the gradient wrt z shows about a mistake."
+    if gz is None or not gz.any():
+        return ("no gradient reaches z (did you use z.detach(), or return None or zeros for z in backward?): the "
+                "encoder could not learn; d/dz = H(z - theta) * grad_output")
+    if _close(gz, g_out):
+        return ("z gets a gradient where the latent is off: d/dz = H(z - theta) * grad_output is 0 at or below the "
+                "threshold; multiply by H(z - theta)")
+    window = (z - theta).abs() < eps / 2
+    extra = ~torch.isclose(gz.double(), ez.double(), rtol=1e-4, atol=1e-6)
+    if extra.any() and not (extra & ~window).any():
+        return (f"z gets a gradient it should not: yours differs from H(z - theta) * grad_output only inside the kernel "
+                f"window |z - theta| < eps/2 ({int(extra.sum())} entries), so the kernel's pseudo-derivative reaches "
+                "z as well; it belongs to theta alone (build the term that carries it from z.detach())")
+    return "d/dz = H(z - theta) * grad_output: the gradient passes where the latent is on, and is 0 elsewhere"
+
+
 def check_jumprelu_ste(fn,  # your jumprelu(z, theta, bandwidth), or your torch.autograd.Function subclass
                       ):
     "Check a learner's JumpReLU forward and its rectangle-kernel pseudo-gradients wrt z and theta."
@@ -389,9 +565,12 @@ def check_jumprelu_ste(fn,  # your jumprelu(z, theta, bandwidth), or your torch.
         got = _call(check, fn, case)
         expected = jumprelu(*case.args)
         if not _close(got, expected):
-            hint = ("the forward is z * H(z - theta) with a STRICT >: a latent at or below its threshold is 0, above it "
-                    "passes z unchanged")
-            _fail(check, case, expected, got, hint)
+            z, theta, eps = case.args
+            more = ""
+            if isinstance(got, Tensor) and got.shape == expected.shape:
+                at = ~torch.isclose(got.detach().double(), expected.double(), rtol=1e-4, atol=1e-6)
+                more = _elements(z, theta, expected, got.detach(), at)
+            _fail(check, case, expected, got, _ste_forward_hint(got, z, theta, eps), more)
     for n, case in enumerate(cases):        # ... then the gradients
         z, theta, eps = case.args
         g_out = torch.randn(z.shape, generator=torch.Generator().manual_seed(100 + n))
@@ -402,10 +581,12 @@ def check_jumprelu_ste(fn,  # your jumprelu(z, theta, bandwidth), or your torch.
             hint = (" (hint: the gradient wrt theta must have theta's shape: sum it over the broadcast dims, "
                     "e.g. grad.sum_to_size(theta.shape))" if "shape" in str(e) else "")
             raise ExerciseError(f"{check}: your function raised {type(e).__name__}: {e}{hint}\n{_where(case)}") from e
-        if gt is None:
-            raise ExerciseError(f"{check}: no gradient reaches theta\n{_where(case)}\n  hint: the forward is flat in "
-                                "theta, so write a torch.autograd.Function whose backward returns the pseudo-derivative "
-                                "-(theta/eps) K((z - theta)/eps) * grad_output, summed to theta's shape")
+        if gt is None or (isinstance(gt, Tensor) and not gt.any() and et.any()):
+            what = "no gradient reaches theta" if gt is None else "the gradient wrt theta is 0 everywhere"
+            raise ExerciseError(f"{check}: {what}, so the thresholds would never move\n{_where(case)}\n  hint: the "
+                                "forward is flat in theta, so write a torch.autograd.Function whose backward returns "
+                                "the pseudo-derivative -(theta/eps) K((z - theta)/eps) * grad_output, summed to "
+                                "theta's shape (if you compare z with theta.detach(), theta drops out of the graph)")
         if not _close(gt, et):
             hint = "d/dtheta = -(theta/eps) * K((z - theta)/eps) * grad_output, summed over rows to theta's shape"
             for h, w in wrong.items():
@@ -415,8 +596,12 @@ def check_jumprelu_ste(fn,  # your jumprelu(z, theta, bandwidth), or your torch.
             raise ExerciseError(f"{check}: wrong gradient wrt theta\n{_where(case)}\n  expected: {et.flatten()[:4].tolist()} ...\n"
                                 f"  got:      {gt.flatten()[:4].tolist()} ...\n  hint: {hint}")
         if gz is None or not _close(gz, ez):
-            raise ExerciseError(f"{check}: wrong gradient wrt z\n{_where(case)}\n  hint: d/dz = H(z - theta) * "
-                                "grad_output: the gradient passes where the latent is on, and is 0 elsewhere")
+            more = ""
+            if isinstance(gz, Tensor) and gz.shape == ez.shape:
+                at = ~torch.isclose(gz.double(), ez.double(), rtol=1e-4, atol=1e-6)
+                more = _elements(z, theta, ez, gz, at)
+            raise ExerciseError(f"{check}: wrong gradient wrt z\n{_where(case)}\n  hint: "
+                                f"{_ste_z_hint(gz, ez, z, theta, eps, g_out)}{more}")
     _passed(check, cases)
 
 # %% ../nbs/09_course.ipynb #09f7d27f
@@ -442,23 +627,47 @@ def _auxk_cases(seed: int = 0) -> list[Case]:
             Case("3-D input [2, 16, 8]", (x3, x3_hat, z3, W_dec, dead, 4)),
             Case("k_aux=8 > 3 dead latents: use all dead ones", (x, x_hat, z, W_dec, few_dead, 8)),
             Case("k_aux=10: negative dead pre-activations are ReLU'd", (x, x_hat, z - 0.5, W_dec, dead, 10)),
-            Case("no dead latent: the loss is 0", (x, x_hat, z, W_dec, torch.zeros(d_sae, dtype=torch.bool), 4))]
+            Case("no dead latent: the loss is 0", (x, x_hat, z, W_dec, torch.zeros(d_sae, dtype=torch.bool), 4),
+                 hint="with no dead latent there is nothing to reconstruct the error with: return 0 "
+                      "(pre_acts.sum() * 0 keeps the graph)")]
 
 
-def _auxk_variant(all_latents: bool = False, relu: bool = True, norm: str = "centred", sign: float = 1.0) -> Callable:
+def _small_auxk_cases() -> list[Case]:
+    "Tiny inputs of the AuxK loss, shown in full when the checker fails."
+    x = torch.tensor([[1.0, 2.0], [0.0, 1.0], [2.0, -1.0]])
+    x_hat = torch.tensor([[0.5, 1.5], [0.2, 0.4], [1.5, -0.5]])
+    z = torch.tensor([[3.0, 0.4, 2.0, -0.3], [2.5, -0.2, 1.0, 0.7], [4.0, 0.3, 3.0, 0.1]])
+    W_dec = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, -0.6]])
+    dead = torch.tensor([False, True, False, True])
+    return [Case("3 rows, 4 latents of which 2 dead (1 and 3), k_aux=1", (x, x_hat, z, W_dec, dead, 1))]
+
+
+def _auxk_variant(all_latents: bool = False, relu: bool = True, norm: str = "centred", sign: float = 1.0,
+                  mask: str = "dead",  # 'all' (= all_latents), 'alive', or 'after' the TopK: the mask mistakes
+                 ) -> Callable:
     "An AuxK loss making one known mistake (for the hints)."
+    mask = "all" if all_latents else mask
     def loss(x, x_hat, pre_acts, W_dec, dead_mask, k_aux):
         e = sign * flatten_rows(x - x_hat.detach())
         z = flatten_rows(pre_acts)
-        mask = torch.ones_like(dead_mask) if all_latents else dead_mask
-        if not mask.any():
+        keep = {"dead": dead_mask, "after": dead_mask, "all": torch.ones_like(dead_mask), "alive": ~dead_mask}[mask]
+        if not keep.any():
             return pre_acts.sum() * 0
-        vals, idx = z.masked_fill(~mask, float("-inf")).topk(min(k_aux, int(mask.sum())), dim=-1)
+        if mask == "after":                                           # TopK over all latents, then drop the alive ones
+            vals, idx = z.topk(k_aux, dim=-1)
+            vals = vals * dead_mask[idx]
+        else:
+            vals, idx = z.masked_fill(~keep, float("-inf")).topk(min(k_aux, int(keep.sum())), dim=-1)
         e_hat = torch.zeros_like(z).scatter(-1, idx, F.relu(vals) if relu else vals) @ W_dec
-        num = (e - e_hat).pow(2).sum()
+        err = (e - e_hat).pow(2)
         if norm == "none":
-            return num / e.shape[0]
-        return num / (e - e.mean(0)).pow(2).sum() if norm == "centred" else num / e.pow(2).sum()
+            return err.sum() / e.shape[0]
+        if norm == "per_row":
+            return (err.sum(-1) / (e - e.mean(0)).pow(2).sum(-1)).mean()
+        if norm == "x":
+            xs = flatten_rows(x)
+            return err.sum() / (xs - xs.mean(0)).pow(2).sum()
+        return err.sum() / ((e - e.mean(0)) if norm == "centred" else e).pow(2).sum()
     return loss
 
 
@@ -467,15 +676,28 @@ def check_auxk(fn: Callable,  # your auxk(x, x_hat, pre_acts, W_dec, dead_mask, 
     "Check a learner's AuxK loss against `sae_nb.losses.auxk_loss`, and that it trains only through `pre_acts`."
     check = "check_auxk"
     wrong = {
-        "your AuxK is not restricted to dead latents: mask the alive latents (e.g. fill them with -inf) before the "
-        "TopK, so only dead latents reconstruct the error": _auxk_variant(all_latents=True),
+        "your AuxK ignores the dead mask, so it is not restricted to dead latents: mask the alive latents (e.g. fill "
+        "them with -inf) before the TopK, so only dead latents reconstruct the error": _auxk_variant(all_latents=True),
+        "you use the ALIVE latents: dead_mask is True for the dead ones; fill the latents where it is False with -inf":
+            _auxk_variant(mask="alive"),
+        "you apply the dead mask after the TopK: the top k_aux of all latents are mostly alive ones, and masking them "
+        "afterwards leaves few or no dead ones; mask first, then take the TopK": _auxk_variant(mask="after"),
         "ReLU the selected dead pre-activations: a negative pre-activation must not reconstruct anything":
             _auxk_variant(relu=False),
         "normalise: divide the squared error by sum over rows of ||e - mean(e)||^2 (AuxK is a normalised MSE, "
         "so its scale does not depend on how small the error already is)": _auxk_variant(norm="none"),
         "centre e in the denominator: sum of ||e - mean(e)||^2, not of ||e||^2": _auxk_variant(norm="uncentred"),
+        "you normalise by the variance of x: AuxK normalises by that of the error e = x - x_hat it reconstructs":
+            _auxk_variant(norm="x"),
+        "you average a ratio per row: the loss is ONE ratio, of sums over all rows": _auxk_variant(norm="per_row"),
         "the error to reconstruct is e = x - x_hat (you seem to use x_hat - x)": _auxk_variant(sign=-1.0),
     }
+
+    def ratio(got, expected, case):
+        n, d = flatten_rows(case.args[0]).shape
+        return _ratio_hint(got, expected, {"n (rows)": n, "d": d, "n*d": n * d},
+                           "wrong normalisation: the numerator and the denominator are reduced differently (a mean in "
+                           "one, a sum in the other); the loss is sum ||e - e_hat||^2 / sum ||e - mean(e)||^2")
 
     def no_grad_into_x_hat(fn):
         case = _auxk_cases()[0]
@@ -490,4 +712,5 @@ def check_auxk(fn: Callable,  # your auxk(x, x_hat, pre_acts, W_dec, dead_mask, 
     _check_scalar_loss(check, fn, _auxk_cases(), auxk_loss, wrong,
                        "e = x - x_hat (x_hat detached); take the top k_aux DEAD pre-activations per row, ReLU them, "
                        "decode with W_dec (no bias) into e_hat; loss = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2",
-                       grad_arg=(2, "pre_acts"), extra=no_grad_into_x_hat)
+                       grad_arg=(2, "pre_acts"), extra=no_grad_into_x_hat, small=_small_auxk_cases(),
+                       names=("x", "x_hat", "pre_acts", "W_dec", "dead_mask", "k_aux"), ratio=ratio)

@@ -163,3 +163,148 @@ def test_auxk_mistakes():
     rejects(check_auxk, auxk(relu=False), "ReLU the selected dead pre-activations")
     rejects(check_auxk, auxk(norm="none"), "normalise")
     rejects(check_auxk, auxk(detach=False), "gradient into x_hat", "detach x_hat")
+
+
+# ---- mistakes recognised by what the output shows ------------------------------------------------------------
+
+def test_forward_mismatch_shows_a_small_input_and_its_values():
+    msg = rejects(check_mse, lambda x_hat, x: F.mse_loss(x_hat, x), "a small input on which yours differs",
+                  "x = [[1, 10], [3, 20], [2, 45]]", "expected 11.17, got 5.583")
+    assert "x_hat = [[1.5, 12], [2.5, 18], [2, 40]]" in msg
+    rejects(check_l1, lambda f, W_dec: f.abs().sum(-1).mean(), "latents = [[0.5, 0, 2], [0, 1, 0]]", "W_dec = [[3, 4]")
+    rejects(check_auxk, auxk(norm="none"), "dead_mask = [False, True, False, True]", "k_aux = 1")
+
+
+def test_mse_sum_over_rows_and_middle_dims():
+    rejects(check_mse, lambda x_hat, x: (x - x_hat).pow(2).sum(), "you sum over rows", "mean over rows")
+    def middle(x_hat, x):                                                     # sums over positions as well
+        per = (x - x_hat).pow(2).sum(-1)
+        return (per.sum(tuple(range(1, per.ndim))) if per.ndim > 1 else per).mean()
+    rejects(check_mse, middle, "middle dims", "3-D input")
+
+
+def test_fvu_check_data_separates_scalar_from_per_dimension_centring():
+    from sae_nb.course import _recon_cases
+    x_hat, x = _recon_cases()[0].args
+    scalar = (x - x_hat).pow(2).sum() / (x - x.mean()).pow(2).sum()
+    assert fvu(x_hat, x) > 2 * scalar                     # the means differ per dimension: not a rounding difference
+    assert (x.mean(0).max() - x.mean(0).min()) > 20
+
+
+def test_fvu_scalar_mean_and_reductions():
+    scalar = lambda x_hat, x, mean=None: (x - x_hat).pow(2).sum() / (x - (x.mean() if mean is None else mean)).pow(2).sum()
+    rejects(check_fvu, scalar, "ONE scalar mean", "x.mean(0)")
+    rejects(check_fvu, lambda x_hat, x, mean=None: F.mse_loss(x_hat, x) / x.var(), "scalar mean", "x.var()")
+    def mean_over_sum(x_hat, x, mean=None):
+        xs, xh = x.reshape(-1, x.shape[-1]), x_hat.reshape(-1, x.shape[-1])
+        return (xs - xh).pow(2).mean() / (xs - (xs.mean(0) if mean is None else mean)).pow(2).sum()
+    rejects(check_fvu, mean_over_sum, "1/n*d of the expected one", "reduce the squared error and the squared deviation differently")
+    def rows_mean_over_sum(x_hat, x, mean=None):
+        xs, xh = x.reshape(-1, x.shape[-1]), x_hat.reshape(-1, x.shape[-1])
+        return (xs - xh).pow(2).sum(-1).mean() / (xs - (xs.mean(0) if mean is None else mean)).pow(2).sum()
+    rejects(check_fvu, rows_mean_over_sum, "1/n (rows) of the expected one (n (rows) = 64)")
+
+
+def test_l1_reductions_and_weighting():
+    rejects(check_l1, lambda f, W_dec: (f.abs() * W_dec.norm(dim=1)).sum(), "you sum over rows")
+    rejects(check_l1, lambda f, W_dec: (f.abs() * W_dec.norm(dim=1)).mean(), "average over latents too")
+    rejects(check_l1, lambda f, W_dec: f.abs().sum(-1).mean() * W_dec.norm(), "norm of the whole W_dec")
+
+
+def topk_planted(k_extra=0, dim=-1):
+    def topk(z, k):
+        vals, idx = z.topk(k + k_extra, dim=dim)
+        return torch.zeros_like(z).scatter(dim, idx, F.relu(vals))
+    return topk
+
+
+def test_topk_k_minus_and_plus_one_named_with_counts():
+    rejects(check_topk, topk_planted(k_extra=-1), "kept k-1 = 3 latents per row where k = 4")
+    rejects(check_topk, topk_planted(k_extra=1), "kept k+1 = 5 latents per row where k = 4")
+
+
+def test_topk_wrong_dimension():
+    msg = rejects(check_topk, topk_planted(dim=0), "top k along dim 0", "over the rows", "dim=-1")
+    assert "row 0 of pre_acts: [" in msg                                    # the input row is shown
+
+
+def test_topk_ties():
+    def threshold(z, k):                                                      # keeps every value tied at the k-th
+        return F.relu(z) * (z >= z.topk(k, dim=-1).values[..., -1:])
+    rejects(check_topk, threshold, "ties at the k-th value", "5 pre-activations equal to its k-th largest value 2",
+            "kept 5 latents where k = 3", "z >= (k-th value)")
+
+
+def test_topk_negative_values_named_with_the_value():
+    rejects(check_topk, lambda z, k: torch.zeros_like(z).scatter(-1, z.topk(k, -1).indices, z.topk(k, -1).values),
+            "ReLU after the top k is missing", "row 0 keeps -0.31 at latent 4")
+
+
+def test_jumprelu_gradient_paths():
+    class ZeroTheta(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, theta, eps):
+            ctx.save_for_backward(z, theta)
+            return z * (z > theta).to(z.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            z, theta = ctx.saved_tensors
+            return g * (z > theta).to(z.dtype), torch.zeros_like(theta), None
+    rejects(check_jumprelu_ste, ZeroTheta, "the gradient wrt theta is 0 everywhere")
+    rejects(check_jumprelu_ste, lambda z, theta, eps: jumprelu(z, theta.detach(), eps), "no gradient reaches theta")
+    rejects(check_jumprelu_ste, lambda z, theta, eps: jumprelu(z.detach(), theta, eps), "wrong gradient wrt z",
+            "no gradient reaches z")
+
+    def z_grad(rule):
+        class Planted(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, z, theta, eps):
+                ctx.save_for_backward(z, theta)
+                ctx.eps = eps
+                return z * (z > theta).to(z.dtype)
+
+            @staticmethod
+            def backward(ctx, g):
+                z, theta = ctx.saved_tensors
+                K = rectangle((z - theta) / ctx.eps)
+                return rule(g, z, theta, ctx.eps, K), (-(theta / ctx.eps) * K * g).sum_to_size(theta.shape), None
+        return Planted
+    msg = rejects(check_jumprelu_ste, z_grad(lambda g, z, theta, eps, K: g * ((z > theta).to(z.dtype) + z / eps * K)),
+                  "z gets a gradient it should not", "kernel window", "z.detach()")
+    assert "where they differ" in msg and "theta = " in msg                   # the differing values are shown
+    rejects(check_jumprelu_ste, z_grad(lambda g, z, theta, eps, K: g), "z gets a gradient where the latent is off")
+
+
+def test_jumprelu_forward_mistakes_show_values():
+    def undetached(z, theta, eps):                                           # a gradient-carrying term left in the value
+        s = -(theta ** 2 / (2 * eps)) * rectangle((z - theta) / eps)
+        return z * (z > theta).to(z.dtype) + s
+    msg = rejects(check_jumprelu_ste, undetached, "only inside the kernel window", "s - s.detach()")
+    assert "where they differ" in msg and "expected" in msg
+    rejects(check_jumprelu_ste, lambda z, theta, eps: F.relu(z), "ReLU(z): the threshold is missing")
+    rejects(check_jumprelu_ste, lambda z, theta, eps: (z - theta) * (z > theta), "shifted ReLU")
+
+
+def test_auxk_normalisation_mistakes():
+    from sae_nb.course import _auxk_variant
+    rejects(check_auxk, _auxk_variant(norm="uncentred"), "centre e in the denominator")
+    rejects(check_auxk, _auxk_variant(norm="x"), "variance of x")
+    rejects(check_auxk, _auxk_variant(norm="per_row"), "ratio per row")
+    def mean_over_sum(x, x_hat, pre_acts, W_dec, dead_mask, k_aux):
+        return auxk_loss(x, x_hat, pre_acts, W_dec, dead_mask, k_aux) / x.shape[-1]
+    rejects(check_auxk, mean_over_sum, "1/d of the expected one", "wrong normalisation")
+
+
+def test_auxk_dead_mask_mistakes():
+    from sae_nb.course import _auxk_variant
+    rejects(check_auxk, auxk(all_latents=True), "ignores the dead mask")
+    rejects(check_auxk, _auxk_variant(mask="alive"), "ALIVE latents")
+    rejects(check_auxk, _auxk_variant(mask="after"), "dead mask after the TopK")
+    def no_special_case(x, x_hat, pre_acts, W_dec, dead_mask, k_aux):              # forgets the no-dead-latent case
+        e = (x - x_hat.detach()).reshape(-1, x.shape[-1])
+        z = pre_acts.reshape(-1, pre_acts.shape[-1]).masked_fill(~dead_mask, float("-inf"))
+        vals, idx = z.topk(min(k_aux, int(dead_mask.sum())), dim=-1)
+        e_hat = torch.zeros_like(z).scatter(-1, idx, F.relu(vals)) @ W_dec
+        return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    rejects(check_auxk, no_special_case, "no dead latent: the loss is 0", "nothing to reconstruct the error with")
