@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import fvu
-from .utils import eval_mode, flatten_rows
+from .utils import check_int, eval_mode, flatten_rows
 
 # %% auto #0
 __all__ = ['LinearErrorFit', 'split_rows', 'r_squared', 'linear_error_fit', 'decompose_reconstruction', 'decompose_error']
@@ -173,8 +173,7 @@ def decompose_error(sae: nn.Module,        # an sae_nb SAE
     x = _check_rows("x", x)
     d_in = sae.W_dec.shape[1]
     if x.shape[1] != d_in: raise ValueError(f"x: expected last dim d_in={d_in} (the SAE's width), got shape {tuple(x.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, lo=1)
     _check_split_args(train_fraction, seed, ridge)
     groups = _check_groups(groups, len(x))
     with eval_mode(sae):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .data import hook_activations
 from .lm import VOCAB_SIZE, check_hook_name, load_model
 from .sae import SAE
+from .utils import atomic_write, check_int
 
 # %% auto #0
 __all__ = ['HIST_LOG10_RANGE', 'HIST_BINS', 'DEFAULT_INSPECT_TOKENS', 'topk_merge', 'hist_edges', 'hist_bin', 'LatentActivations',
@@ -124,8 +125,7 @@ def latent_activations(model,                  # a TransformerBridge (e.g. `load
     check_hook_name(model, hook_name)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError(f"tokens: expected a LongTensor [n_seq, ctx], got {getattr(tokens, 'shape', type(tokens).__name__)}")
-    for name, v in (("batch_size", batch_size), ("n_top", n_top), ("n_bins", n_bins)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    for name, v in (("batch_size", batch_size), ("n_top", n_top), ("n_bins", n_bins)): check_int(name, v, lo=1)
     d_sae, W = sae.cfg.d_sae, before + 1 + after
     dev = sae.W_dec.device
     values = torch.full((d_sae, n_top), -math.inf, device=dev)
@@ -472,15 +472,6 @@ window.onerror = function (msg, src, line, col) {
 # %% ../nbs/05b_inspect.ipynb #97b1d784
 DEFAULT_INSPECT_TOKENS = 2**15   # tokens read for a dashboard: 256 windows of 128 bytes
 
-def _atomic_write_text(path: Path, text: str):
-    "Write `text` to `path` through a temporary file in the same directory and `os.replace`."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh: fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
 
 def resolve_inspect_inputs(sae_dir_or_sae, model="default", hook_name: str | None = None, device=None):
     "(sae, model, hook_name): the SAE loaded, the model loaded, the hook checked to exist and to be as wide as the SAE's input."
@@ -517,8 +508,7 @@ def write_dashboard(sae_dir_or_sae,               # a saved SAE's directory, or 
     from sae_nb.sweep import sweep_tokens
     sae, model, hook_name = resolve_inspect_inputs(sae_dir_or_sae, model, hook_name)
     if stats is None:
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-            raise ValueError(f"n_tokens: expected an int >= 1, got {n_tokens!r}")
+        check_int("n_tokens", n_tokens, lo=1)
         tokens = sweep_tokens(model, math.ceil(n_tokens / ctx), ctx, seed=seed, split=split)
         stats = latent_activations(model, sae, hook_name, tokens, batch_size=batch_size, n_top=n_examples)
     label = name if name is not None else None if isinstance(sae_dir_or_sae, SAE) else str(sae_dir_or_sae)
@@ -529,7 +519,7 @@ def write_dashboard(sae_dir_or_sae,               # a saved SAE's directory, or 
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", json_for_script(data))
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out, page)
+    atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return out
 
 # %% ../nbs/05b_inspect.ipynb #ed2af565

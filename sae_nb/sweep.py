@@ -27,9 +27,9 @@ from .train import TrainConfig, train
 
 # %% auto #0
 __all__ = ['DEFAULT_HOOK', 'MAIN_VARIANTS', 'DEFAULT_L0_TARGETS', 'D_SAE_FACTOR', 'LR_GRID', 'L0_TOLERANCE', 'SWEEP_DEFAULTS',
-           'FAST_DEFAULTS', 'ROW_COLUMNS', 'REPORT_COLUMNS', 'COLUMN_NOTES', 'sweep_tokens', 'resolve_device',
-           'load_sweep_model', 'check_sweep_options', 'row_flags', 'train_and_evaluate_config', 'train_and_evaluate',
-           'run_sweep', 'summarise', 'anchor_checks', 'markdown_table', 'write_report']
+           'FAST_DEFAULTS', 'ROW_COLUMNS', 'REPORT_COLUMNS', 'COLUMN_NOTES', 'sweep_tokens', 'load_sweep_model',
+           'check_sweep_options', 'row_flags', 'train_and_evaluate_config', 'train_and_evaluate', 'run_sweep',
+           'summarise', 'anchor_checks', 'markdown_table', 'write_report', 'resolve_device']
 
 # %% ../nbs/08a_sweep.ipynb #c147cf93
 DEFAULT_HOOK = "blocks.0.hook_resid_post"    # the residual stream between the default model's two blocks
@@ -65,21 +65,8 @@ def sweep_tokens(model,           # the language model (its tokenizer, if any, i
 
 
 # %% ../nbs/08a_sweep.ipynb #0625c22f
-def _check_positive_int(name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{name}: expected an int >= {lo}, got {type(v).__name__} {v!r}")
-    if v < lo: raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    return v
-
-
-def resolve_device(device: str = "auto") -> str:
-    "'auto': 'cuda' when a GPU is available, else 'cpu'; any other torch device string is checked and returned."
-    if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
-    try: torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device: expected 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but no CUDA GPU is available (use 'cpu' or 'auto')")
-    return device
+from .utils import check_int, resolve_device   # one device rule for every module; kept importable from here
+_all_ = ["resolve_device"]
 
 
 def load_sweep_model(model="default", device: str = "cpu") -> nn.Module:
@@ -209,10 +196,10 @@ def run_sweep(model="default",            # "default" (the embedded model), a Hu
     lr_grid = tuple(lr_grid if lr_grid is not None else defaults.get("lr_grid", LR_GRID))
     variants = tuple([variants] if isinstance(variants, str) and variants in VARIANTS else variants)
     for name in ("total_tokens", "batch_size", "n_train_seq", "n_heldout_seq", "n_eval_seq", "ctx", "seeds", "eval_every"):
-        _check_positive_int(name, s[name])
+        check_int(name, s[name], lo=1)
     if s["total_tokens"] < s["batch_size"]:
         raise ValueError(f"total_tokens: expected at least batch_size={s['batch_size']}, got {s['total_tokens']}")
-    if d_sae is not None: _check_positive_int("d_sae", d_sae)
+    if d_sae is not None: check_int("d_sae", d_sae, lo=1)
     if not lr_grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lr_grid):
         raise ValueError(f"lr_grid: expected a non-empty list of positive learning rates, got {lr_grid!r}")
     lm = check_sweep_options(model, hook_name, variants, l0_targets, device)
