@@ -11,7 +11,9 @@ built by bench/setup_peers.sh) on the same batch, shape, dtype and thread count;
 ours and theirs so that machine noise hits both, and each number is the median over the rounds of
 the median step time in a process, after untimed warm-up steps. The same run measures the matmul
 peak on the encoder's shape and reports each step against the dense roofline (10 d_in d_sae FLOPs
-per token) and its peak memory against params + Adam state + one batch of activations and latents.
+per token), its live tensor peak (torch.profiler's allocation events on CPU, max_memory_allocated on CUDA)
+against a per-variant floor (params + Adam state + one batch of inputs + the active latents), and,
+in a column of its own, the process's RSS peak.
 """
 from __future__ import annotations
 
@@ -147,15 +149,28 @@ def jobs_of_round(variants, peers: bool) -> list[tuple[str, str]]:
 
 
 # -- the report ----------------------------------------------------------------------------------------------------
-def floor_bytes(shape: dict, n_params: int) -> int:
-    "params + Adam's two moments + one batch of activations [batch, d_in] and latents [batch, d_sae], fp32."
-    return 4 * (3 * n_params + shape["batch"] * (shape["d_in"] + shape["d_sae"]))
+MEMORY_GOAL = {**{v: 1.3 for v in TOPK_FAMILY}, "relu": 1.6, "jumprelu": 1.6, "gated": 1.6}   # live peak / floor
 
 
-def n_params(shape: dict) -> int:
-    "W_enc, b_enc, W_dec, b_dec."
+def n_params(shape: dict, variant: str = "relu") -> int:
+    "sae_nb's parameters: W_enc, b_enc, W_dec, b_dec; JumpReLU adds log_threshold [d_sae], Gated r_mag and b_mag [d_sae]."
     d_in, d_sae = shape["d_in"], shape["d_sae"]
-    return 2 * d_in * d_sae + d_sae + d_in
+    extra = {"jumprelu": 1, "gated": 2}.get(variant, 0) * d_sae
+    return 2 * d_in * d_sae + d_sae + d_in + extra
+
+
+def floor_parts(shape: dict, variant: str = "relu") -> dict:
+    """What a step must hold, fp32: parameters, Adam's two moments (2x params), one batch of inputs [batch, d_in], and the
+    active latents: [batch, k] values (fp32) + indices (int64) for the TopK family, [batch, d_sae] for the dense variants
+    (at initialisation about half of them are active)."""
+    b, p = shape["batch"], n_params(shape, variant)
+    latents = b * shape["k"] * (4 + 8) if variant in TOPK_FAMILY else 4 * b * shape["d_sae"]
+    return {"parameters": 4 * p, "adam moments": 8 * p, "batch": 4 * b * shape["d_in"], "latents": latents}
+
+
+def floor_bytes(shape: dict, variant: str = "relu") -> int:
+    "The floor of `floor_parts`, in bytes."
+    return sum(floor_parts(shape, variant).values())
 
 
 def summarise(results: list[dict], shape: dict, peak_flops: float, variants) -> list[dict]:
@@ -164,7 +179,10 @@ def summarise(results: list[dict], shape: dict, peak_flops: float, variants) -> 
     for r in results:
         by.setdefault((r["impl"], r["variant"]), []).append(r)
     med = {key: statistics.median(r["tokens_per_s"] for r in rs) for key, rs in by.items()}
-    mem = {key: statistics.median(r["peak_bytes"] for r in rs) for key, rs in by.items()}
+    def mem_of(field):   # median MB over rounds of one memory field, per (impl, variant); absent in older JSONs
+        return {key: statistics.median(r[field] for r in rs) / 2**20 for key, rs in by.items()
+                if all(r.get(field) is not None for r in rs)}
+    mem, live, rss = mem_of("peak_bytes"), mem_of("live_peak_bytes"), mem_of("rss_peak_bytes")
     roofline = peak_flops / (10 * shape["d_in"] * shape["d_sae"])
     sparsify_topk = med.get(("sparsify", "topk"))
     rows = []
@@ -173,16 +191,26 @@ def summarise(results: list[dict], shape: dict, peak_flops: float, variants) -> 
         saelens = med.get(("saelens", v))
         same = [t for t in (saelens, sparsify_topk if v in ("topk", "matryoshka") else None) if t]
         best = max(same) if same else None
+        floor_mb = floor_bytes(shape, v) / 2**20
+        ours_live = live.get(("sae_nb", v))
+        breakdown = next((r["live"] for r in by[("sae_nb", v)] if r.get("live")), None)   # the first round's
         rows.append({
             "variant": v, "sae_nb_tok_s": ours, "roofline_fraction": ours / roofline,
             "saelens_tok_s": saelens, "sparsify_topk_tok_s": sparsify_topk, "best_peer_tok_s": best,
             "ratio_best_peer": ours / best if best else None,
             "ratio_sparsify_topk": ours / sparsify_topk if sparsify_topk else None,
             "ratio_saelens": ours / saelens if saelens else None,
-            "sae_nb_peak_mb": mem[("sae_nb", v)] / 2**20,
-            "saelens_peak_mb": mem[("saelens", v)] / 2**20 if ("saelens", v) in mem else None,
-            "sparsify_topk_peak_mb": mem[("sparsify", "topk")] / 2**20 if ("sparsify", "topk") in mem else None,
-            "floor_mb": floor_bytes(shape, n_params(shape)) / 2**20,
+            "sae_nb_peak_mb": mem[("sae_nb", v)],              # as before: RSS high-water mark (CPU), max_memory_allocated (CUDA)
+            "saelens_peak_mb": mem.get(("saelens", v)),
+            "sparsify_topk_peak_mb": mem.get(("sparsify", "topk")),
+            "sae_nb_live_peak_mb": ours_live, "saelens_live_peak_mb": live.get(("saelens", v)),
+            "sparsify_topk_live_peak_mb": live.get(("sparsify", "topk")),
+            "sae_nb_rss_peak_mb": rss.get(("sae_nb", v)), "saelens_rss_peak_mb": rss.get(("saelens", v)),
+            "sparsify_topk_rss_peak_mb": rss.get(("sparsify", "topk")),
+            "floor_mb": floor_mb, "floor_parts_mb": {k: n / 2**20 for k, n in floor_parts(shape, v).items()},
+            "live_over_floor": ours_live / floor_mb if ours_live is not None else None,
+            "memory_goal": MEMORY_GOAL[v],
+            "sae_nb_live_breakdown": breakdown,
         })
     return rows
 
@@ -204,21 +232,57 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
         "| variant | sae_nb tok/s | of roofline | SAELens tok/s | sparsify TopK tok/s | sae_nb / best peer "
-        "| sae_nb / sparsify TopK | sae_nb peak MB | SAELens peak MB | floor MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sae_nb / sparsify TopK | sae_nb live peak MB | floor MB | live / floor (goal) | sae_nb RSS peak MB "
+        "| SAELens live peak MB | SAELens RSS peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cuda = meta["device"] != "cpu"
     for r in rows:
+        live, ratio = r.get("sae_nb_live_peak_mb"), r.get("live_over_floor")
+        verdict = "" if ratio is None else (" ok" if ratio <= r["memory_goal"] else " over")
         lines.append(
             f"| {r['variant']} | {fmt(r['sae_nb_tok_s'])} | {fmt(r['roofline_fraction'], '{:.0%}')} "
             f"| {fmt(r['saelens_tok_s'])} | {fmt(r['sparsify_topk_tok_s'])} | {fmt(r['ratio_best_peer'], '{:.2f}x')} "
-            f"| {fmt(r['ratio_sparsify_topk'], '{:.2f}x')} | {fmt(r['sae_nb_peak_mb'])} | {fmt(r['saelens_peak_mb'])} "
-            f"| {fmt(r['floor_mb'])} |")
-    if any(r["sparsify_topk_peak_mb"] for r in rows):
+            f"| {fmt(r['ratio_sparsify_topk'], '{:.2f}x')} | {fmt(live, '{:,.1f}')} | {fmt(r['floor_mb'], '{:,.1f}')} "
+            f"| {fmt(ratio, '{:.2f}x')} (<= {r['memory_goal']}x{verdict}) "
+            f"| {fmt(r.get('sae_nb_rss_peak_mb') if not cuda else None)} "
+            f"| {fmt(r.get('saelens_live_peak_mb'), '{:,.1f}')} | {fmt(r.get('saelens_rss_peak_mb') if not cuda else None)} |")
+    lines.append("")
+    lines.append("Live peak: bytes of tensors alive at the worst moment of one training step, by tensor accounting "
+                 + ("(torch.cuda.max_memory_allocated). " if cuda else
+                    "(torch.profiler's allocation events over the step, on top of the tensors alive at its start). ")
+                 + "Floor: params + Adam moments (2x params) + one batch of inputs [batch, d_in] + the active latents "
+                 "([batch, k] values and int64 indices for the TopK family, [batch, d_sae] for the dense variants), fp32. "
+                 + ("RSS peak: not measured on CUDA." if cuda else
+                    "RSS peak: the process's RSS high-water mark above its level before the SAE was built, freed memory "
+                    "retained by `retain_freed_memory` included."))
+    if rows and rows[0].get("sparsify_topk_peak_mb") is not None:
         lines.append("")
-        lines.append(f"sparsify TopK peak memory: {rows[0]['sparsify_topk_peak_mb']:,.0f} MB. "
-                     "Best peer: the faster of SAELens's same variant and, for topk and matryoshka, sparsify TopK. "
-                     "Floor: params + Adam moments + one batch of activations and latents (fp32).")
+        lines.append(f"sparsify TopK peak memory: live {fmt(rows[0].get('sparsify_topk_live_peak_mb'), '{:,.1f}')} MB, "
+                     f"RSS {fmt(rows[0].get('sparsify_topk_rss_peak_mb'))} MB. "
+                     "Best peer: the faster of SAELens's same variant and, for topk and matryoshka, sparsify TopK.")
+    breakdown = live_breakdown(rows)
+    if breakdown: lines += ["", breakdown]
     return "\n".join(lines)
+
+
+def live_breakdown(rows: list[dict], top: int = 4) -> str:
+    "What is alive at each sae_nb variant's live peak: the tensors alive at the step's start, by category, and the largest blocks the step allocated."
+    out = []
+    for r in rows:
+        b = r.get("sae_nb_live_breakdown")
+        if not b: continue
+        mb = lambda n: f"{n / 2**20:,.1f}"
+        cats = ", ".join(f"{c} {mb(n)}" for c, n in sorted(b["base_by_category"].items(), key=lambda kv: -kv[1]))
+        line = (f"- **{r['variant']}**: live peak {mb(b['peak_bytes'])} MB = alive at the step's start "
+                f"{mb(b['base_bytes'])} MB ({cats}) + {mb(b['step_bytes_at_peak'])} MB the step allocated")
+        if b.get("n_step_blocks_at_peak") is not None:
+            blocks = "; ".join(f"{mb(x['bytes'])} MB {x['shape']} from {x['op']}" for x in b["step_blocks_at_peak"][:top])
+            line += (f" ({b['n_step_blocks_at_peak']} blocks alive, peak reached in {b['at']}; largest: {blocks})")
+        out.append(line)
+    if not out: return ""
+    return ("What is alive at the live peak (MB; shapes inferred from the block sizes, dimensions in the order "
+            "batch, d_in, d_sae, k, n_dead; op: the step's outermost op > the allocating op):\n" + "\n".join(out))
 
 
 def machine() -> str:
@@ -333,8 +397,10 @@ def main(argv=None):
             results.append(res)
             out.write_text(json.dumps({"partial": True, "args": vars(args), "shape": shape, "peaks": peaks,
                                        "results": results}))
+            live = res.get("live_peak_bytes")
             print(f"round {r + 1}/{args.rounds} {impl:8s} {variant:10s} {res['tokens_per_s']:10,.0f} tok/s "
-                  f"{res['seconds'] * 1e3:8.1f} ms/step  peak {res['peak_bytes'] / 2**20:7.0f} MB", file=sys.stderr)
+                  f"{res['seconds'] * 1e3:8.1f} ms/step  peak {res['peak_bytes'] / 2**20:7.0f} MB"
+                  + (f"  live {live / 2**20:7.1f} MB" if live is not None else ""), file=sys.stderr)
     return report(args, shape, peaks, results, peer_versions, load_before, t_start, out)
 
 

@@ -1,10 +1,11 @@
-"""What every benchmark process shares: the configs, the input batch, the clock, the memory meter.
+"""What every benchmark process shares: the configs, the input batch, the clock, the memory meters (RSS, live tensors).
 
 Imported by `bench_step.py` (sae_nb's side, project venv) and `peer_step.py` (SAELens and sparsify,
 the peers' venv), so both sides build the same data and time it the same way. Needs only torch.
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -85,7 +86,7 @@ def _status_kib(field: str) -> int:
 
 
 class PeakMemory:
-    "Peak memory above a baseline: RSS high-water mark on CPU (Linux), max_memory_allocated on CUDA."
+    "Peak memory above a baseline: RSS high-water mark on CPU (Linux), max_memory_allocated on CUDA (the `peak_bytes` of a result)."
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
 
@@ -101,6 +102,148 @@ class PeakMemory:
     def peak_bytes(self) -> int:
         if self.cuda: return torch.cuda.max_memory_allocated() - self.base
         return _status_kib("VmHWM") * 1024 - self.base
+
+
+# -- the live tensor peak of one step (tensor accounting, not RSS) ----------------------------------------------------
+MARK = "bench::measured_step"   # the record_function around the step whose peak is measured
+DTYPE_NAMES = {4: "fp32", 8: "int64", 2: "bf16", 1: "bool"}   # element size -> the likely dtype, for the size-inferred shapes
+
+
+def live_tensors(named: dict | None = None, device: str = "cpu") -> dict:
+    """Every tensor storage on `device` reachable from Python now, once per storage: {data_ptr: (bytes, category, description)}.
+
+    Found with `gc.get_objects()` (tensors are gc-tracked) plus each parameter's `.grad`. Categories: "parameters"
+    (nn.Parameter), "gradients" (a parameter's .grad), "optimizer state" (in a torch.optim.Optimizer's state),
+    the keys of `named` (e.g. {"batch": x}), and "other"."""
+    gc.collect()
+    objs = gc.get_objects()
+    is_tensor = lambda o: issubclass(type(o), torch.Tensor)   # type(), not isinstance: no proxy's __class__ is asked
+    found, cat = [], {}
+    def add(t, c):
+        if is_tensor(t) and t.device.type == torch.device(device).type and t.layout == torch.strided:
+            found.append(t)
+            cat.setdefault(id(t), c)
+    for name, t in (named or {}).items(): add(t, name)
+    for o in objs:
+        if issubclass(type(o), torch.nn.Parameter):
+            add(o, "parameters")
+            if o.grad is not None: add(o.grad, "gradients")
+    for o in objs:
+        if issubclass(type(o), torch.optim.Optimizer):
+            for st in o.state.values():
+                for v in st.values(): add(v, "optimizer state")
+    for o in objs:
+        if is_tensor(o): add(o, "other")   # setdefault: a tensor categorised above keeps its category
+    out = {}
+    for t in found:
+        st = t.untyped_storage()
+        if st.nbytes() == 0 or st.data_ptr() in out: continue
+        out[st.data_ptr()] = (st.nbytes(), cat[id(t)], f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).replace('torch.', '')}")
+    return out
+
+
+def shape_guess(nbytes: int, dims: dict) -> str:
+    """A shape for a block of `nbytes` from the benchmark's dimensions (the profiler records sizes, not shapes): '4096x32 int64'.
+
+    A guess: up to three products of one or two of the dimensions (in the order of `dims`, not the tensor's) and an
+    element size (4: fp32, 8: int64, 2: bf16, 1: bool) that match, joined by ' or '; '?' when none does."""
+    sizes = list(dict.fromkeys(v for v in dims.values() if v and v > 1))   # in the order of `dims`: batch first
+    found = []
+    for el, name in DTYPE_NAMES.items():
+        if nbytes % el: continue
+        n = nbytes // el
+        if n in sizes: found.append(f"{n} {name}")
+        found += [f"{a}x{n // a} {name}" for a in sizes if n % a == 0 and n // a in sizes and n // a in sizes[sizes.index(a):]]
+    return " or ".join(dict.fromkeys(found[:3])) or "?"
+
+
+def _walk(events):
+    for e in events:
+        yield e
+        yield from _walk(e.children)
+
+
+def _op_label(e) -> str:
+    "The op that made an allocation: 'outermost op of the step > innermost op'."
+    ops, p = [], e.parent
+    while p is not None and p.name != MARK:
+        ops.append(p.name)
+        p = p.parent
+    if not ops: return "(outside any op)"
+    return ops[-1] if len(ops) == 1 else f"{ops[-1]} > {ops[0]}"
+
+
+def live_peak(step, named: dict | None = None, dims: dict | None = None, top: int = 8) -> dict:
+    """Peak bytes of CPU tensors alive during one call of `step()` (after earlier calls), by tensor accounting.
+
+    torch.profiler with profile_memory=True reports every CPU allocation and free (ns timestamp, address, size)
+    while it runs; it cannot see the frees of blocks allocated before it started. So: one unmeasured call under the
+    profiler (it frees what the calls before left), then the live tensors at the start of the measured call
+    (`live_tensors`, plus blocks the profiler saw allocated and not freed that Python cannot reach), then the
+    measured call inside a record_function: live bytes = that base + the running sum of its allocations and frees;
+    the peak is the maximum. Returns the peak, the base by category, and the largest blocks alive at the peak
+    that the measured call allocated (size, a shape inferred from the size and `dims`, the allocating op)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch._C._profiler import _EventType
+    gc.collect()
+    holder = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        holder["base"] = live_tensors(named)
+        with record_function(MARK):
+            step()
+    evs = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    mark = next(e for e in evs if e.name == MARK)
+    allocs = sorted((e for e in evs if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"),
+                    key=lambda e: e.start_time_ns)
+    before = [e for e in allocs if e.start_time_ns < mark.start_time_ns]
+    during = [e for e in allocs if mark.start_time_ns <= e.start_time_ns <= mark.end_time_ns]
+    base = dict(holder["base"])
+    unseen = {}   # blocks allocated under the profiler before the measured call, alive at its start
+    for e in before:
+        f = e.extra_fields
+        if f.alloc_size > 0: unseen[f.ptr] = f.alloc_size
+        else: unseen.pop(f.ptr, None)
+    for ptr, n in unseen.items():
+        if ptr not in base: base[ptr] = (n, "held outside Python", "")
+    base_bytes = sum(n for n, _, _ in base.values())
+    live, peak, peak_i = base_bytes, base_bytes, -1
+    for i, e in enumerate(during):
+        live += e.extra_fields.alloc_size
+        if live > peak: peak, peak_i = live, i
+    alive = {}   # blocks the measured call allocated, alive at the peak
+    for e in during[:peak_i + 1]:
+        f = e.extra_fields
+        if f.alloc_size > 0: alive[f.ptr] = (f.alloc_size, _op_label(e))
+        else: alive.pop(f.ptr, None)
+    by_cat = {}
+    for n, c, _ in base.values(): by_cat[c] = by_cat.get(c, 0) + n
+    other = sorted((v for v in base.values() if v[1] in ("other", "held outside Python")), reverse=True)[:top]
+    blocks = sorted(alive.values(), key=lambda v: -v[0])
+    return {
+        "peak_bytes": peak, "base_bytes": base_bytes, "base_by_category": by_cat,
+        "base_other": [{"bytes": n, "category": c, "tensor": d} for n, c, d in other],
+        "step_bytes_at_peak": peak - base_bytes, "n_step_blocks_at_peak": len(blocks),
+        "at": _op_label(during[peak_i]) if peak_i >= 0 else "(start of the step)",
+        "step_blocks_at_peak": [{"bytes": n, "shape": shape_guess(n, dims or {}), "op": op} for n, op in blocks[:top]],
+        "method": "torch.profiler profile_memory (CPU allocation events) + live tensors at the step's start",
+    }
+
+
+def cuda_live_peak(step, named: dict | None = None, device: str = "cuda") -> dict:
+    "CUDA: max_memory_allocated over one call of `step()` (the caching allocator counts live tensor bytes), base by category."
+    sync(device)
+    base = live_tensors(named, device)
+    by_cat = {}
+    for n, c, _ in base.values(): by_cat[c] = by_cat.get(c, 0) + n
+    torch.cuda.reset_peak_memory_stats()
+    base_bytes = torch.cuda.memory_allocated()
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_bytes": peak, "base_bytes": base_bytes, "base_by_category": by_cat, "base_other": [],
+            "step_bytes_at_peak": peak - base_bytes, "n_step_blocks_at_peak": None, "at": None, "step_blocks_at_peak": [],
+            "method": "torch.cuda.max_memory_allocated over one step"}
 
 
 # -- the clock -------------------------------------------------------------------------------------
@@ -127,7 +270,15 @@ def measure(build, args) -> dict:
     step = build(shape, x, dead_mask, autocast)
     times = time_steps(step, args.device, args.warmup, args.steps)
     t = statistics.median(times)
-    return {"seconds": t, "tokens_per_s": shape["batch"] / t, "times": times, "peak_bytes": mem.peak_bytes()}
+    peak_bytes = mem.peak_bytes()   # read before the memory measurement's own steps (and the profiler's memory)
+    out = {"seconds": t, "tokens_per_s": shape["batch"] / t, "times": times, "peak_bytes": peak_bytes,
+           "rss_peak_bytes": None if mem.cuda else peak_bytes}
+    if getattr(args, "live_memory", True):   # two more steps, untimed: the live tensor peak of the second
+        named = {"batch": x, "dead mask": dead_mask}
+        dims = {key: shape[key] for key in ("batch", "d_in", "d_sae", "k")} | {"n_dead": int(dead_mask.sum())}
+        live = cuda_live_peak(step, named, args.device) if mem.cuda else live_peak(step, named, dims)
+        out.update(live_peak_bytes=live["peak_bytes"], live=live)
+    return out
 
 
 def worker_main(argv, builders: dict, versions: dict):
