@@ -9,9 +9,7 @@ import argparse
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 

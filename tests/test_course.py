@@ -112,7 +112,7 @@ def test_topk_mistakes():
     rejects(check_topk, keep(detach=True), "gradient wrt pre_acts")
 
 
-def ste(width=1.0, sign=-1.0, theta_factor=True, use_grad=True):
+def ste(width=1.0, sign=-1.0, theta_factor=True, use_grad=True, z_rule=None):
     "A JumpReLU autograd.Function with a configurable backward (the planted mistakes)."
     class Planted(torch.autograd.Function):
         @staticmethod
@@ -126,7 +126,8 @@ def ste(width=1.0, sign=-1.0, theta_factor=True, use_grad=True):
             z, theta = ctx.saved_tensors
             K = rectangle((z - theta) / (ctx.eps * width))
             d = sign * (theta if theta_factor else 1.0) / ctx.eps * K * (g if use_grad else 1.0)
-            return g * (z > theta).to(z.dtype), d.sum_to_size(theta.shape), None
+            gz = g * (z > theta).to(z.dtype) if z_rule is None else z_rule(g, z, theta, ctx.eps, K)
+            return gz, d.sum_to_size(theta.shape), None
     return Planted
 
 
@@ -256,20 +257,7 @@ def test_jumprelu_gradient_paths():
     rejects(check_jumprelu_ste, lambda z, theta, eps: jumprelu(z.detach(), theta, eps), "wrong gradient wrt z",
             "no gradient reaches z")
 
-    def z_grad(rule):
-        class Planted(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, z, theta, eps):
-                ctx.save_for_backward(z, theta)
-                ctx.eps = eps
-                return z * (z > theta).to(z.dtype)
-
-            @staticmethod
-            def backward(ctx, g):
-                z, theta = ctx.saved_tensors
-                K = rectangle((z - theta) / ctx.eps)
-                return rule(g, z, theta, ctx.eps, K), (-(theta / ctx.eps) * K * g).sum_to_size(theta.shape), None
-        return Planted
+    def z_grad(rule): return ste(z_rule=rule)   # the right theta-gradient, a planted z-gradient rule
     msg = rejects(check_jumprelu_ste, z_grad(lambda g, z, theta, eps, K: g * ((z > theta).to(z.dtype) + z / eps * K)),
                   "z gets a gradient it should not", "kernel window", "z.detach()")
     assert "where they differ" in msg and "theta = " in msg                   # the differing values are shown

@@ -31,6 +31,7 @@ import sae_nb.train as train_module
 from sae_nb.data import ToyFeatures
 from sae_nb.sae import SAE, VARIANTS, make_sae
 from sae_nb.train import TrainConfig, load_checkpoint, train
+from test_train import StopAfter   # the clean Ctrl-C of the CPU resume tests
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -243,14 +244,6 @@ def test_latents_carry_gradient_on_cpu_under_bf16_autocast(name, monkeypatch):
 
 
 # -- resume on the GPU -----------------------------------------------------------------------------------------
-
-class StopAfter:
-    "The batches, then KeyboardInterrupt after `n` of them (a clean Ctrl-C)."
-    def __init__(self, batches, n): self.batches, self.n = batches, n
-    def __iter__(self):
-        for i, b in enumerate(self.batches):
-            if i == self.n: raise KeyboardInterrupt
-            yield b
 
 
 def max_abs_diff(a: SAE, b: SAE) -> float:
