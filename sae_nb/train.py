@@ -592,6 +592,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)        # firings since the last log
     step, window_tokens, history, evals, done = 0, 0, [], [], False
     steer_integral = log_steer = math.log(cfg.l0_steer_start) if steered else 0.0   # the controller; log of its factor
+    steer_mean = log_steer                                    # its running mean over about 1/g steps: the held value
     converged = None                                          # held-out FVU plateaued? (None: not yet, or no held-out data)
 
     def checkpoint(done: bool):
@@ -603,6 +604,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
             "scheduler": sched.state_dict(), "stream": stream.state_dict(), "rng": rng,
             "tokens_since_fired": tokens_since_fired, "window_fired": window_fired, "window_tokens": window_tokens,
             "history": history, "evals": evals, "steer_integral": steer_integral, "log_steer": log_steer,
+            "steer_mean": steer_mean,
             "converged": converged})
 
     def result() -> TrainResult:
@@ -619,6 +621,7 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         step, done, history, evals = saved["step"], saved["done"], saved["history"], saved.get("evals", [])
         log_steer, converged = saved.get("log_steer", 0.0), saved.get("converged")
         steer_integral = saved.get("steer_integral", log_steer)
+        steer_mean = saved.get("steer_mean", log_steer)
         tokens_since_fired.copy_(saved["tokens_since_fired"]); window_fired.copy_(saved["window_fired"])
         window_tokens = saved["window_tokens"]
         torch.set_rng_state(saved["rng"]["cpu"])
@@ -658,6 +661,9 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         holding = step > schedule.decay_start and lr < STEER_HOLD_LR * sched.base_lrs[0]   # the end of the decay
         if steered and not holding:
             steer_integral, log_steer = steer(steer_integral, l0_batch, cfg.target_l0, cfg.l0_steer_rate)
+            steer_mean += cfg.l0_steer_rate * (log_steer - steer_mean)
+        elif steered:                                          # held at the running mean, not the last step's value
+            steer_integral = log_steer = steer_mean
 
         # -- held-out evaluation; a plateau starts the final decay
         row_extra = {}

@@ -391,7 +391,7 @@ def replay_controller(h, target=4, gain=0.05):
 
 
 def check_steering(result, lr, variant):
-    "Steered while the lr is above a quarter of its peak, then held to the end; the held-out L0 ends within 10% of 4."
+    "Steered while the lr is above a quarter of its peak, then held at the running mean of its log factor to the end; the held-out L0 ends within 10% of 4."
     h, field = result.history, {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}[variant]
     assert [r["step"] for r in h] == list(range(1, result.steps + 1))
     assert abs(result.evals[-1]["l0"] / 4 - 1) <= 0.1, result.evals[-1]
@@ -400,6 +400,10 @@ def check_steering(result, lr, variant):
     replay_controller(h[:first_held + 1])                                  # steered up to there (its step still steers)
     held = [r["sparsity_coefficient"] for r in h[first_held + 1:]]
     assert len(held) >= 10 and len(set(held)) == 1 and getattr(result.sae.cfg, field) == pytest.approx(held[0])
+    mean = math.log(h[0]["sparsity_scale"])                                # held at the running mean of the log factor
+    for r in h[1:first_held + 1]: mean += 0.05 * (math.log(r["sparsity_scale"]) - mean)
+    assert math.log(h[first_held + 1]["sparsity_scale"]) == pytest.approx(mean, abs=1e-9)
+    assert h[first_held + 1]["sparsity_scale"] != h[first_held]["sparsity_scale"]   # not the last step's factor
     coefficients = [r["sparsity_coefficient"] for r in h]
     assert max(coefficients) / min(coefficients) > 2                       # it moved before that
 
