@@ -14,8 +14,9 @@ from torch import Tensor
 from .utils import flatten_rows
 
 # %% auto #0
-__all__ = ['CROSS_SAMPLE_PENALTIES', 'check_pair', 'mse', 'fvu', 'explained_variance', 'l2', 'l2_ratio', 'l0', 'l1', 'kl_div',
-           'ce_loss_recovered', 'auxk_loss', 'frequency_penalty', 'independence_penalty', 'contrastive_penalty']
+__all__ = ['CROSS_SAMPLE_PENALTIES', 'check_pair', 'mse', 'fvu', 'explained_variance', 'l2', 'l2_ratio', 'l0', 'l1_from_sums',
+           'l1', 'kl_div', 'ce_loss_recovered', 'auxk_nmse', 'auxk_loss', 'frequency_penalty', 'independence_penalty',
+           'contrastive_penalty']
 
 # %% ../nbs/00_losses.ipynb #ca0a3dd0
 def _check_tensor(t, name: str) -> None:
@@ -111,18 +112,27 @@ def l0(latents: Tensor,  # latent activations a [..., d_sae]
     return (a != 0).sum(-1).to(dtype).mean()
 
 # %% ../nbs/00_losses.ipynb #0450be84
+def l1_from_sums(abs_sums: Tensor,  # [d_sae] s_i: sum over the rows of |a_i|
+                 W_dec: Tensor | None,  # decoder [d_sae, d_in]; weights s_i by ||W_dec[i]||_2 (1 if None)
+                 n_rows: int,  # n: the number of rows the sums ran over
+                ) -> Tensor:
+    "Decoder-weighted L1 from each latent's sum of |a| over the rows: sum_i s_i ||W_dec[i]||_2 / n."
+    if W_dec is None:
+        return abs_sums.sum() / n_rows
+    return (abs_sums * torch.linalg.vector_norm(W_dec, dim=-1)).sum() / n_rows   # elementwise: no bf16 autocast
+
+
 def l1(latents: Tensor,  # latent activations a [..., d_sae]
        W_dec: Tensor | None = None,  # decoder [d_sae, d_in]; weights |a_i| by ||W_dec[i]||_2
       ) -> Tensor:
     "Mean over rows of the sum of |latents|, each weighted by its decoder row's norm if `W_dec` is given."
     a = _rows(latents, "latents").abs()
-    if W_dec is None:
-        return a.sum(-1).mean()
-    _check_tensor(W_dec, "W_dec")
-    if W_dec.ndim != 2 or W_dec.shape[0] != a.shape[-1]:
-        raise ValueError(f"W_dec must have shape [d_sae={a.shape[-1]}, d_in] to match "
-                         f"latents.shape={tuple(latents.shape)}, got W_dec.shape={tuple(W_dec.shape)}")
-    return (a * torch.linalg.vector_norm(W_dec, dim=-1)).sum(-1).mean()
+    if W_dec is not None:
+        _check_tensor(W_dec, "W_dec")
+        if W_dec.ndim != 2 or W_dec.shape[0] != a.shape[-1]:
+            raise ValueError(f"W_dec must have shape [d_sae={a.shape[-1]}, d_in] to match "
+                             f"latents.shape={tuple(latents.shape)}, got W_dec.shape={tuple(W_dec.shape)}")
+    return l1_from_sums(a.sum(0), W_dec, a.shape[0])
 
 # %% ../nbs/00_losses.ipynb #90d89614
 def kl_div(clean_logits: Tensor,  # logits of the clean run [..., vocab]
@@ -156,6 +166,15 @@ def ce_loss_recovered(ce_clean: float | Tensor,  # next-token CE of the clean mo
     return out.reshape(()) if isinstance(out, Tensor) else float(out)
 
 # %% ../nbs/00_losses.ipynb #5bce41b9
+def auxk_nmse(x: Tensor,  # [n, d_in] inputs
+              x_hat: Tensor,  # [n, d_in] reconstruction (detached here)
+              e_hat: Tensor,  # [n, d_in] the dead latents' reconstruction of the error
+             ) -> Tensor:
+    "AuxK's normalised MSE of `e_hat` against the error e = x - sg(x_hat): sum ||e - e_hat||^2 / sum ||e - mean(e)||^2."
+    e = x - x_hat.detach()
+    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+
+
 def auxk_loss(x: Tensor,  # input activations [..., d_in]
               x_hat: Tensor,  # SAE reconstruction [..., d_in] (detached inside)
               pre_acts: Tensor,  # encoder pre-activations z [..., d_sae]
@@ -183,11 +202,10 @@ def auxk_loss(x: Tensor,  # input activations [..., d_in]
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return pre_acts.sum() * 0
-    e = xs - xh.detach()
     z_dead = z.masked_fill(~dead_mask.to(z.device), float("-inf"))
     vals, idx = z_dead.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     e_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals.relu().to(W_dec.dtype), mode="sum")
-    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return auxk_nmse(xs, xh, e_hat)
 
 # %% ../nbs/00_losses.ipynb #02edceac
 def _codes(latents: Tensor) -> Tensor:

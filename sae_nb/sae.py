@@ -16,22 +16,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .losses import auxk_loss, fvu, l0, l1, mse
+from .losses import auxk_loss, auxk_nmse, fvu, l0, l1, l1_from_sums, mse
 from .utils import atomic_write, bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows
 import sae_nb.sparse as sparse_mod
-from .sparse import (ActivePattern, auxk_loss_active, batch_topk_pattern, dead_block_decode, dead_topk_pattern,
+from .sparse import (ActivePattern, batch_topk_pattern, col_sums, dead_block_decode, dead_topk_pattern,
                            decode_active, encoder_pre_acts, gather_pre_acts, nest_pattern, pattern_above,
                            reuse_pre_acts, scatter_active, topk_pattern)
 
 # %% auto #0
-__all__ = ['VARIANTS', 'SAVE_FORMATS', 'LOAD_FORMATS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'make_sae',
-           'remove_parallel_component', 'geometric_median', 'relu_activation', 'decoder_weighted_l1', 'relu_select',
-           'relu_sparse_values', 'topk_activation', 'auxk_term', 'topk_aux', 'topk_select', 'batchtopk_extras',
-           'update_threshold', 'batchtopk_activation', 'batchtopk_select', 'rectangle', 'JumpReLUFn', 'StepFn',
-           'jumprelu', 'step', 'JumpReLUL0Fn', 'jumprelu_extras', 'init_jumprelu_thresholds', 'jumprelu_activation',
-           'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values', 'gated_extras',
-           'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn', 'gated_fused', 'gated_select', 'gated_sparse_values',
-           'matryoshka_mse', 'matryoshka_select', 'save_sae', 'load_sae', 'register_format']
+__all__ = ['VARIANTS', 'SAVE_FORMATS', 'LOAD_FORMATS', 'SAEConfig', 'Variant', 'SAEOutput', 'TrainOutput', 'SAE', 'nested_mses',
+           'make_sae', 'remove_parallel_component', 'geometric_median', 'relu_activation', 'decoder_weighted_l1',
+           'relu_select', 'relu_sparse_values', 'topk_activation', 'auxk_term', 'topk_aux', 'topk_select',
+           'batchtopk_extras', 'update_threshold', 'batchtopk_activation', 'batchtopk_select', 'rectangle',
+           'JumpReLUFn', 'StepFn', 'jumprelu', 'step', 'JumpReLUL0Fn', 'jumprelu_extras', 'init_jumprelu_thresholds',
+           'jumprelu_activation', 'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values',
+           'gated_extras', 'gated_magnitude', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
+           'gated_gate_terms', 'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse',
+           'matryoshka_select', 'save_sae', 'load_sae', 'register_format']
 
 # %% ../nbs/01_sae.ipynb #8b17512f
 @dataclass
@@ -284,17 +285,13 @@ class SAE(nn.Module):
             z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
             a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
         groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
-        names = [f"mse_prefix_{m}" for m in pat.prefixes] if pat.prefixes else ["mse"]
-        x_hat, parts = self.b_dec, {}
-        for name, part in zip(names, groups):
-            x_hat = x_hat + part                     # the reconstruction from this prefix of the dictionary
-            parts[name] = mse(x_hat, x)
+        x_hat, parts = nested_mses(x, self.b_dec, groups, pat.prefixes)   # x_hat, and its MSE per prefix group
         aux = x.new_zeros(()) if aux is None else aux
         if dead is not None:
-            aux = auxk_term(self, x, auxk_loss_active(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
+            aux = auxk_term(self, x, auxk_nmse(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
         elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
             e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
-            aux = auxk_term(self, x, auxk_loss_active(x, x_hat, e_hat))
+            aux = auxk_term(self, x, auxk_nmse(x, x_hat, e_hat))
         latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
         return (x_hat, latents, parts, aux, fired, penalty), None
@@ -336,6 +333,21 @@ class SAE(nn.Module):
             for recognise, read in LOAD_FORMATS.values():
                 if recognise(path): return read(path, device)
         return load_sae(path, device)
+
+# %% ../nbs/01_sae.ipynb #c6944052
+def nested_mses(x: Tensor,                # [n, d_in] target (training units)
+                b_dec: Tensor,            # [d_in] decoder bias
+                parts,                    # [n, d_in] each prefix group's decoded share (no bias), in order
+                prefixes: tuple | None,   # the nested sizes m of the groups, or None: one part, the whole dictionary
+               ) -> tuple[Tensor, dict]:
+    "(x_hat, MSEs): x_hat_m = b_dec + the parts up to prefix m, and mse(x_hat_m, x) keyed `mse_prefix_<m>` (or `mse`)."
+    names = [f"mse_prefix_{m}" for m in prefixes] if prefixes else ["mse"]
+    x_hat, out = b_dec, {}
+    for name, part in zip(names, parts, strict=True):
+        x_hat = x_hat + part
+        out[name] = mse(x_hat, x)
+    return x_hat, out
+
 
 # %% ../nbs/01_sae.ipynb #16084121
 def make_sae(name: str,    # variant, one of `VARIANTS`
@@ -386,8 +398,8 @@ def relu_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
 
 
 def decoder_weighted_l1(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
-    "L1 of the (non-negative) latents weighted by the decoder row norms: `l1(latents, W_dec)`, summed by column first."
-    return latents.sum(0) @ sae.W_dec.norm(dim=-1) / latents.shape[0]  # no [n, d_sae] temporary; latents >= 0
+    "L1 of the (non-negative) latents weighted by the decoder row norms: `l1(latents, W_dec)` without its |.| pass."
+    return l1_from_sums(latents.sum(0), sae.W_dec, latents.shape[0])   # latents >= 0: their sums are the s_i
 
 
 def relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
@@ -396,9 +408,9 @@ def relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePatte
 
 
 def relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
-    "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from them: sum of a ||W_dec[latent]|| over rows."
+    "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from their sums per latent."
     a = F.relu(z)
-    return a, (a * sae.W_dec.norm(dim=-1)[pat.col]).sum() / pat.n_rows, None
+    return a, l1_from_sums(col_sums(a.to(sae.W_dec.dtype), pat), sae.W_dec, pat.n_rows), None   # summed in fp32
 
 
 VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False,
@@ -614,9 +626,14 @@ def gated_extras(cfg: SAEConfig, dtype) -> dict:
             "b_mag": nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))}
 
 
+def gated_magnitude(pre_acts: Tensor, b_enc: Tensor, scale: Tensor, b_mag: Tensor) -> Tensor:
+    "The magnitude pre-activations (pi - b_enc) e^r_mag + b_mag, read from the gate's pi (scale = e^r_mag)."
+    return (pre_acts - b_enc) * scale + b_mag
+
+
 def gated_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
     "H(gate pre-acts) * ReLU(magnitude pre-acts); the magnitude path reuses (x - b_dec) @ W_enc."
-    mag = (pre_acts - sae.b_enc) * sae.r_mag.exp() + sae.b_mag
+    mag = gated_magnitude(pre_acts, sae.b_enc, sae.r_mag.exp(), sae.b_mag)
     return (pre_acts > 0).to(pre_acts.dtype) * F.relu(mag)
 
 
@@ -659,12 +676,18 @@ class GatedFn(torch.autograd.Function):
         return g_pre, g_benc, g_r, g_bmag
 
 
+def gated_gate_terms(sae: SAE, x: Tensor,
+                     gate_sums: Tensor,     # [d_sae] sum over the rows of ReLU(pi_gate), per latent
+                     gate_decoded: Tensor,  # [n, d_in] ReLU(pi_gate) sg(W_dec), without the bias
+                    ) -> tuple[Tensor, Tensor]:
+    "The gate path's two terms, `gated_l1` and `gated_aux` from ReLU(pi)'s per-latent sums and frozen decoding: (L1, aux)."
+    return l1_from_sums(gate_sums, sae.W_dec.detach(), x.shape[0]), mse(gate_decoded + sae.b_dec.detach(), x)
+
+
 def gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     "Training terms with one node for the activations: (latents, decoder-weighted L1 of ReLU(pi), aux)."
     latents, gate = GatedFn.apply(pre_acts, sae.b_enc, sae.r_mag, sae.b_mag)
-    penalty = gate.sum(0) @ sae.W_dec.detach().norm(dim=-1) / gate.shape[0]   # = l1(ReLU(pi), sg(W_dec)): gate >= 0
-    aux = mse(gate @ sae.W_dec.detach() + sae.b_dec.detach(), x)
-    return latents, penalty, aux
+    return latents, *gated_gate_terms(sae, x, gate.sum(0), gate @ sae.W_dec.detach())   # gate >= 0: no |.|
 
 
 def gated_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
@@ -676,10 +699,9 @@ def gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     "Latents, decoder-weighted L1 of ReLU(pi) and the frozen-decoder aux term, from the open gates only."
     gate = F.relu(z)                                            # pi > 0 on the pattern: ReLU for its gradient at 0
     c = pat.col
-    latents = F.relu((z - sae.b_enc[c]) * sae.r_mag.exp()[c] + sae.b_mag[c])
-    penalty = (gate * sae.W_dec.detach().norm(dim=-1)[c]).sum() / pat.n_rows
-    aux = mse(decode_active(gate, sae.W_dec.detach(), pat) + sae.b_dec.detach(), x)
-    return latents, penalty, aux
+    latents = F.relu(gated_magnitude(z, sae.b_enc[c], sae.r_mag.exp()[c], sae.b_mag[c]))
+    W = sae.W_dec.detach()
+    return latents, *gated_gate_terms(sae, x, col_sums(gate.to(W.dtype), pat), decode_active(gate, W, pat))
 
 
 VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
@@ -689,12 +711,9 @@ VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_n
 # %% ../nbs/01_sae.ipynb #6550b336
 def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:
     "MSE of the reconstruction from each nested prefix of the dictionary, keyed `mse_prefix_<m>`."
-    out, x_hat_m, start = {}, sae.b_dec.expand_as(x), 0
-    for m in sae.cfg.matryoshka_prefixes:
-        x_hat_m = x_hat_m + latents[:, start:m] @ sae.W_dec[start:m]
-        out[f"mse_prefix_{m}"] = mse(x_hat_m, x)
-        start = m
-    return out
+    ms = sae.cfg.matryoshka_prefixes
+    parts = (latents[:, s:m] @ sae.W_dec[s:m] for s, m in zip((0,) + ms[:-1], ms))   # group [s, m)'s share
+    return nested_mses(x, sae.b_dec, parts, ms)[1]
 
 
 def matryoshka_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:

@@ -16,9 +16,9 @@ from .utils import flatten_rows
 
 # %% auto #0
 __all__ = ['AUXK_BLOCK_DENSITY', 'SPARSE_MAX_DENSITY', 'ActivePattern', 'make_pattern', 'topk_pattern', 'batch_topk_pattern',
-           'nest_pattern', 'dead_topk_pattern', 'GatherPreActs', 'DecodeActive', 'ScatterActive', 'gather_pre_acts',
-           'decode_active', 'scatter_active', 'auxk_loss_active', 'GatherColumns', 'dead_block_decode',
-           'EncoderPreActs', 'encoder_pre_acts', 'pattern_above', 'ReusePreActs', 'reuse_pre_acts']
+           'nest_pattern', 'dead_topk_pattern', 'col_sums', 'GatherPreActs', 'DecodeActive', 'ScatterActive',
+           'gather_pre_acts', 'decode_active', 'scatter_active', 'GatherColumns', 'dead_block_decode', 'EncoderPreActs',
+           'encoder_pre_acts', 'pattern_above', 'ReusePreActs', 'reuse_pre_acts']
 
 # %% ../nbs/01a_sparse.ipynb #f81fec5a
 class ActivePattern(NamedTuple):
@@ -122,8 +122,8 @@ def dead_topk_pattern(pre_acts: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[
     return vals.gather(-1, order).reshape(-1), make_pattern(row, idx.reshape(-1), n, d_sae)
 
 # %% ../nbs/01a_sparse.ipynb #785e6834
-def _col_sum(v: Tensor, pat: ActivePattern) -> Tensor:
-    "[n_cols] sum of the entries' values `v` [nnz] per latent."
+def col_sums(v: Tensor, pat: ActivePattern) -> Tensor:
+    "[n_cols] sum of the entries' values `v` [nnz] per latent (the column sums of S)."
     return torch.zeros(pat.n_cols, dtype=v.dtype, device=v.device).index_add_(0, pat.col, v)
 
 
@@ -166,7 +166,7 @@ class GatherPreActs(torch.autograd.Function):
         pat, need = ctx.pat, ctx.needs_input_grad
         g = g.to(W_enc.dtype)                                               # the pairs' gradient in the parameters' dtype
         g_W = _gather_rows_by_col(x_c, g, pat).t() if need[2] else None     # (S^T x_c)^T = x_c^T S
-        g_b = _col_sum(g, pat) if need[3] or need[4] else None             # column sums of S
+        g_b = col_sums(g, pat) if need[3] or need[4] else None             # column sums of S
         g_bdec = -(W_enc @ g_b) if need[4] else None                        # -W_enc (S^T 1)
         return _as_inputs(ctx, None, None, g_W, g_b if need[3] else None, g_bdec, None)
 
@@ -216,15 +216,6 @@ def decode_active(a, W_dec, pat):
 def scatter_active(a, out, pat):
     "The dense latents [n, d_sae] from the active values, written into `out` (whose contents are lost)."
     return ScatterActive.apply(a, out, pat)
-
-# %% ../nbs/01a_sparse.ipynb #ea6083ae
-def auxk_loss_active(x: Tensor,      # [n, d_in] inputs
-                     x_hat: Tensor,  # [n, d_in] reconstruction (detached here)
-                     e_hat: Tensor,  # [n, d_in] the dead latents' decoded reconstruction of the error
-                    ) -> Tensor:
-    "AuxK's normalised MSE of the dead latents' reconstruction `e_hat` of the error x - x_hat."
-    e = x - x_hat.detach()
-    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
 
 # %% ../nbs/01a_sparse.ipynb #72f16ff3
 AUXK_BLOCK_DENSITY = 1 / 8   # AuxK uses the dense dead block when min(k_aux, m) / m is at least this (m dead latents)

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 import sae_nb.sae as sae_mod
 import sae_nb.sparse as sparse_mod
-from sae_nb.losses import auxk_loss
+from sae_nb.losses import auxk_loss, auxk_nmse
 from sae_nb.sae import VARIANTS, make_sae
-from sae_nb.sparse import (auxk_loss_active, batch_topk_pattern, decode_active, dead_topk_pattern, gather_pre_acts,
+from sae_nb.sparse import (batch_topk_pattern, decode_active, dead_topk_pattern, gather_pre_acts,
                            nest_pattern, scatter_active, topk_pattern)
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
@@ -235,14 +235,14 @@ def test_decode_and_gather_gradients_match_dense():
     assert torch.autograd.gradcheck(lambda a, W: decode_active(a, W, pat), (a0, W_dec.detach().clone().requires_grad_()))
 
 
-def test_auxk_loss_active_matches_auxk_loss():
+def test_sparse_auxk_matches_auxk_loss():
     g = torch.Generator().manual_seed(0)
     x, x_hat, pre = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, 30, generator=g)
     W_dec = torch.randn(30, 8, generator=g)
     dead = torch.arange(30) % 3 == 0
     vals, pat = dead_topk_pattern(pre, dead, 4)
     assert dead[pat.col].all()
-    ours = auxk_loss_active(x, x_hat, decode_active(F.relu(vals), W_dec, pat))
+    ours = auxk_nmse(x, x_hat, decode_active(F.relu(vals), W_dec, pat))
     torch.testing.assert_close(ours, auxk_loss(x, x_hat, pre, W_dec, dead, 4))
 
 
