@@ -6,18 +6,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import auxk_loss, fvu, l1, mse
-from .sae import jumprelu, rectangle
+from .losses import auxk_loss, ce_loss_recovered, fvu, l1, mse
+from .sae import batchtopk_activation, gated_aux, gated_l1, jumprelu, make_sae, matryoshka_mse, rectangle
 from .utils import flatten_rows
 
 # %% auto #0
-__all__ = ['ExerciseError', 'Case', 'check_mse', 'check_fvu', 'check_l1', 'check_topk', 'check_jumprelu_ste', 'check_auxk']
+__all__ = ['ExerciseError', 'Case', 'check_mse', 'check_fvu', 'check_l1', 'check_topk', 'check_jumprelu_ste', 'check_auxk',
+           'attempt', 'check_batchtopk', 'check_batch_threshold', 'check_gated_loss', 'check_matryoshka',
+           'check_ce_recovered', 'check_train_loop']
 
 # %% ../nbs/09_course.ipynb #ff83023c
 class ExerciseError(AssertionError):
@@ -155,7 +158,7 @@ def _check_grad(check: str, fn: Callable, case: Case, arg: int, arg_name: str):
 
 
 def _check_scalar_loss(check: str, fn: Callable, cases: list, reference: Callable, wrong: dict, default_hint: str,
-                       grad_arg: tuple[int, str] = (0, "x_hat"),  # (position, name) of an argument the loss must be differentiable in
+                       grad_arg: tuple[int, str] | None = (0, "x_hat"),  # (position, name) of an argument the loss must be differentiable in (None: no check)
                        extra: Callable | None = None,  # a further check, extra(fn), run before the success line
                        small: list = (),  # tiny cases shown in full when a case fails
                        names: tuple = (),  # the argument names, for showing the small cases
@@ -170,7 +173,8 @@ def _check_scalar_loss(check: str, fn: Callable, cases: list, reference: Callabl
             hint = _hint(got, case, wrong, None)
             hint = hint or (ratio(got, expected, case) if ratio else None) or case.hint or default_hint
             _fail(check, case, expected, got, hint, _small_example(fn, reference, small, names))
-    _check_grad(check, fn, cases[0], *grad_arg)
+    if grad_arg is not None:
+        _check_grad(check, fn, cases[0], *grad_arg)
     if extra is not None:
         extra(fn)
     _passed(check, cases)
@@ -714,3 +718,560 @@ def check_auxk(fn: Callable,  # your auxk(x, x_hat, pre_acts, W_dec, dead_mask, 
                        "decode with W_dec (no bias) into e_hat; loss = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2",
                        grad_arg=(2, "pre_acts"), extra=no_grad_into_x_hat, small=_small_auxk_cases(),
                        names=("x", "x_hat", "pre_acts", "W_dec", "dead_mask", "k_aux"), ratio=ratio)
+
+# %% ../nbs/09_course.ipynb #1f1a59d8
+def _grads(fn: Callable, args: tuple, wrt: tuple, g_out: Tensor | None = None) -> tuple:
+    "(result, gradients of the result wrt the arguments numbered `wrt`, None where none reaches), `g_out` upstream."
+    args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(args)]
+    out = fn(*args)
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        out = torch.tensor(float(out))
+    if not (isinstance(out, Tensor) and out.requires_grad):
+        return out, tuple(None for _ in wrt)
+    gs = torch.autograd.grad(out, [args[i] for i in wrt], torch.ones_like(out) if g_out is None else g_out,
+                             allow_unused=True)
+    return out.detach(), gs
+
+
+def _compare_grads(check: str, fn: Callable, case: Case, reference: Callable, names: tuple, wrt: tuple,
+                   hints: dict,  # argument name -> (hint when no gradient reaches it, hint when one reaches it that should not, hint when it differs)
+                   g_out: Tensor | None = None):
+    "ExerciseError naming the first argument in `wrt` whose gradient differs from the reference's, with the values that differ."
+    try:
+        _, got = _grads(fn, case.args, wrt, g_out)
+    except Exception as e:
+        raise ExerciseError(f"{check}: your function raised {type(e).__name__} in the backward pass: {e}\n{_where(case)}") from e
+    _, exp = _grads(reference, case.args, wrt, g_out)
+    for i, g, e in zip(wrt, got, exp):
+        name = names[i]
+        e0 = e is None or not e.any()
+        g0 = g is None or not g.any()
+        if e0 and g0:
+            continue
+        if g is not None and e is not None and _close(g, e, rtol=1e-3, atol=1e-5):
+            continue
+        missing, extra, differs = hints[name]
+        if g0:
+            hint = missing
+        elif e0:
+            hint = extra
+        else:
+            hint = differs
+        got_txt = "no gradient" if g is None else _fmt(g)
+        exp_txt = "no gradient (zero)" if e0 else _fmt(e)
+        arg = case.args[i]
+        g = torch.zeros_like(arg) if g is None else g                   # no gradient: zeros, to show the entries
+        e = torch.zeros_like(arg) if e is None else e
+        more = ""
+        if g.shape == e.shape:
+            bad = ~torch.isclose(g.double(), e.double(), rtol=1e-3, atol=1e-5)
+            idx = bad.nonzero()[:3].tolist()
+            more = "\n  where they differ:\n" + "\n".join(
+                f"    d loss / d {name}[{', '.join(map(str, j))}]: expected {e[tuple(j)].item():.4g}, got {g[tuple(j)].item():.4g}"
+                for j in idx)
+        raise ExerciseError(f"{check}: wrong gradient wrt `{name}`\n{_where(case)}\n  expected: {exp_txt}\n"
+                            f"  got:      {got_txt}\n  hint: {hint}{more}")
+
+
+def attempt(check: Callable,  # a checker of this module, e.g. check_fvu
+            yours: Callable,  # your function (or autograd.Function class)
+            solution: Callable | None = None,  # the reference solution, checked instead while yours raises NotImplementedError
+           ):
+    "Run `check` on your function; while it still raises NotImplementedError, say so and check `solution` instead."
+    try:
+        return check(yours)
+    except (ExerciseError, NotImplementedError) as e:
+        cause = e
+        while cause is not None and not isinstance(cause, NotImplementedError):
+            cause = cause.__cause__
+        if cause is None or solution is None:
+            raise
+    print(f"{check.__name__}: yours is not written yet (it raises NotImplementedError), so the reference solution is checked instead")
+    return check(solution)
+
+# %% ../nbs/09_course.ipynb #f3684c2c
+def _reference_batchtopk(pre_acts: Tensor, k: int, threshold: float | Tensor | None = None) -> Tensor:
+    "The SAE's `batchtopk_activation` on the flattened rows: training (the batch's k*n largest) if `threshold` is None, else inference (z > threshold)."
+    sae = SimpleNamespace(training=threshold is None, cfg=SimpleNamespace(k=k),
+                          threshold=torch.as_tensor(-1.0 if threshold is None else threshold, dtype=pre_acts.dtype))
+    return batchtopk_activation(sae, flatten_rows(pre_acts)).reshape(pre_acts.shape)
+
+
+def _batchtopk_cases(seed: int = 0) -> list[Case]:
+    "Inputs (pre_acts, k[, threshold]) for the BatchTopK checker: training cases first, then inference ones."
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(8, 16, generator=g) * torch.linspace(0.2, 2.0, 8)[:, None]   # rows of different scale
+    ties = torch.randn(4, 12, generator=g) - 1.0
+    ties[0, :6] = 3.0                                                   # six values tie for the last two of k*n = 8 slots
+    ties[1, :6] = 2.0
+    ties[2, :4] = 3.0
+    at = torch.randn(6, 10, generator=g)
+    at[:, :3] = 0.5                                                     # entries exactly at the threshold 0.5
+    return [Case("training: rows [8, 16] of different scales, k=3 (24 latents in the batch)", (z, 3)),
+            Case("training: 3-D pre_acts [2, 4, 16], k=2 (n = 8 rows, 16 latents)", (torch.randn(2, 4, 16, generator=g), 2)),
+            Case("training: ties at the batch's cut, k=2", (ties, 2)),
+            Case("training: mostly negative pre-activations, k=4", (torch.randn(6, 10, generator=g) - 2.0, 4)),
+            Case("inference: threshold 0.8 on rows [8, 16], k=3", (z, 3, torch.tensor(0.8))),
+            Case("inference: entries exactly at the threshold 0.5, k=2", (at, 2, torch.tensor(0.5)))]
+
+
+def _batchtopk_problem(got, pre: Tensor, k: int, threshold=None) -> str | None:
+    "What is wrong with `got` as BatchTopK of `pre` (None if nothing); ties at the cut may be broken either way."
+    expected = _reference_batchtopk(pre, k, threshold)
+    if not isinstance(got, Tensor) or got.shape != pre.shape:
+        shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
+        return f"expected latents of the shape of pre_acts {list(pre.shape)}, got {shape}: zero the entries not kept"
+    got = got.detach()
+    n = flatten_rows(pre).shape[0]
+    per_row = _reference_topk(pre, k)
+    if threshold is not None:
+        if torch.equal(got, expected):
+            return None
+        if torch.equal(got, pre * (pre >= threshold)):
+            return (f"an entry exactly at the threshold {float(threshold):.3g} is kept: at inference keep z where z > "
+                    "threshold, strictly (an entry exactly at the threshold is off)")
+        if torch.equal(got, _reference_batchtopk(pre, k)) or torch.equal(got, per_row):
+            return ("at inference you kept a top k (of the batch or of each row) and ignored `threshold`: keep every z "
+                    "above the threshold, so a row's latents do not depend on the other rows of its batch")
+        bad = (got != expected).nonzero()[0].tolist()
+        return (f"at inference keep z where z > threshold, zero elsewhere: at {bad} z = {pre[tuple(bad)].item():.4g}, "
+                f"threshold = {float(threshold):.4g}, expected {expected[tuple(bad)].item():.4g}, got {got[tuple(bad)].item():.4g}")
+    if (got < 0).any():
+        j = (got < 0).nonzero()[0].tolist()
+        return (f"a negative value is kept ({got[tuple(j)].item():.3g} at {j}): ReLU the values, so a kept "
+                "pre-activation below 0 becomes 0")
+    on, n_exp = got != 0, int((expected != 0).sum())
+    if torch.equal(got, per_row) and not torch.equal(per_row, expected):
+        return (f"every row keeps exactly k = {k}: that is TopK per row. BatchTopK keeps the k * n = {k * n} largest "
+                "values of the whole batch (flatten every row into one vector), so rows keep different numbers")
+    if pre.ndim > 2:
+        flat = F.relu(pre).flatten()
+        vals, idx = flat.topk(k * pre.shape[0])
+        if torch.equal(got, torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)):
+            return (f"you kept k * {pre.shape[0]} values, with n the size of the first dim only: n is the number of rows "
+                    f"after flattening every leading dim, here {n}, so keep k * n = {k * n}")
+    n_on = int(on.sum())
+    if n_on == k and n_exp > k:
+        return f"you kept k = {k} values in the whole batch; keep k per row on average: the k * n = {k * n} largest"
+    if n_on != n_exp:
+        kth = F.relu(pre).flatten().topk(k * n).values[-1]
+        n_tied = int((pre == kth).sum())
+        if n_tied > 1 and kth > 0 and n_on > n_exp:
+            return (f"ties at the batch's cut: {n_tied} pre-activations equal the (k*n)-th largest value {kth.item():.3g}, "
+                    f"and you kept {n_on} values where k * n = {k * n}. Keep exactly k * n: any of the tied values (as "
+                    "torch.topk does); a test z >= (cut value) keeps every tied one")
+        for delta in (-1, 1):
+            if n_on == (k + delta) * n:
+                sign = "+" if delta > 0 else "-"
+                return f"you kept (k{sign}1) * n = {n_on} values where k * n = {k} * {n} = {k * n}"
+        return f"you kept {n_on} non-zero values where the batch's k * n = {k * n} largest hold {n_exp} positive ones"
+    if not torch.equal(got[on], pre[on]):
+        j = (on & (got != pre)).nonzero()[0].tolist()
+        return (f"a kept latent differs from its pre-activation: at {j} z = {pre[tuple(j)].item():.4g}, you have "
+                f"{got[tuple(j)].item():.4g}; keep z itself")
+    if not torch.equal(got.flatten().sort().values, expected.flatten().sort().values):
+        return f"the kept values are not the k * n = {k * n} largest of the batch"
+    return None
+
+
+def check_batchtopk(fn: Callable,  # your batchtopk(pre_acts, k, threshold=None) -> latents of the shape of pre_acts
+                   ):
+    "Check a learner's BatchTopK: training (threshold None) keeps the batch's k*n largest; inference keeps z > threshold."
+    check = "check_batchtopk"
+    _check_callable(check, fn)
+    cases = _batchtopk_cases()
+    for case in cases:
+        got = _call(check, fn, case)
+        problem = _batchtopk_problem(got, *case.args)
+        if problem:
+            expected = _reference_batchtopk(*case.args)
+            r = 0
+            if isinstance(got, Tensor) and got.shape == expected.shape:
+                rows_bad = (flatten_rows(got.detach()) != flatten_rows(expected)).any(-1)
+                r = int(rows_bad.nonzero()[0]) if rows_bad.any() else 0
+            more = (f"\n  row {r} of pre_acts: {_row(case.args[0], r)}\n  expected non-zeros of row {r} (latent: value): "
+                    f"{_row(expected, r, True)}")
+            if isinstance(got, Tensor) and got.shape == expected.shape:
+                more += f"\n  yours:    {_row(got, r, True)}"
+            _fail(check, case, expected, got, problem, more)
+    for case in (cases[0], cases[4]):                               # the kept entries pass their gradient through
+        z = case.args[0]
+        g_out = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+        hint = ("keep the values as a function of pre_acts (torch.zeros_like(...).scatter(..., vals), or z * mask), "
+                "not detached or rebuilt from numbers")
+        _compare_grads(check, fn, case, _reference_batchtopk, ("pre_acts", "k", "threshold"), (0,),
+                       {"pre_acts": (hint, "a gradient reaches entries that are not kept", hint)}, g_out)
+    _passed(check, cases)
+
+# %% ../nbs/09_course.ipynb #bbdde5af
+def _reference_threshold(latents: Tensor) -> Tensor:
+    "The smallest positive entry of `latents`: the batch's estimate of BatchTopK's inference threshold."
+    kept = latents.detach()
+    return kept[kept > 0].min()
+
+
+def check_batch_threshold(fn: Callable,  # your batch_threshold(latents) -> 0-d tensor
+                         ):
+    "Check a learner's per-batch estimate of BatchTopK's inference threshold: the smallest positive latent, detached."
+    check = "check_batch_threshold"
+    _check_callable(check, fn)
+    g = torch.Generator().manual_seed(0)
+    cases = [Case(f"the latents of training BatchTopK, {name}", (_reference_batchtopk(z, k),))
+             for name, z, k in [("rows [8, 16], k=3", torch.randn(8, 16, generator=g), 3),
+                                ("3-D [2, 4, 16], k=2", torch.randn(2, 4, 16, generator=g), 2),
+                                ("rows [6, 10] mostly negative, k=4", torch.randn(6, 10, generator=g) - 2.0, 4)]]
+    wrong = {
+        "you took the min over every entry, so the zeros of the latents not kept give 0: take the min over the "
+        "positive (kept) values only, latents[latents > 0].min()": lambda a: a.min(),
+        "you took the largest kept value: the threshold is the SMALLEST value the batch kept, so at inference a row "
+        "keeps what would have made the batch's cut": lambda a: a.max(),
+        "you took the mean of the kept values: the threshold is their minimum": lambda a: a[a > 0].mean(),
+    }
+    for case in cases:
+        a = case.args[0]
+        expected = _reference_threshold(a)
+        got = _call(check, fn, case)
+        if isinstance(got, Tensor) and got.numel() > 1:
+            per = "row" if got.shape[0] == flatten_rows(a).shape[0] or got.shape == a.shape[:-1] else "latent"
+            raise ExerciseError(f"{check}: your function returned a tensor of shape {list(got.shape)}, one value per "
+                                f"{per}; expected ONE threshold (a 0-d tensor): the smallest positive value of the "
+                                f"whole batch\n{_where(case)}")
+        got = _scalar(check, got, case)
+        if not _close(got, expected):
+            _fail(check, case, expected, got, _hint(got, case, wrong, "the threshold is the smallest positive entry "
+                  "of the batch's latents"),
+                  f"\n  the batch's smallest positive values: {_show(a[a > 0].sort().values[:4])}")
+    a = cases[0].args[0].clone().requires_grad_(True)
+    got = _call(check, fn, cases[0], (a,))
+    if isinstance(got, Tensor) and got.requires_grad:
+        raise ExerciseError(f"{check}: your threshold carries a gradient (requires_grad=True)\n{_where(cases[0])}\n  "
+                            "hint: the threshold is a running statistic, not a trained parameter: detach it "
+                            "(latents.detach(), or torch.no_grad()), or it keeps the graph of every batch alive")
+    _passed(check, cases)
+
+# %% ../nbs/09_course.ipynb #a533d01a
+def _reference_gated_loss(x: Tensor, x_hat: Tensor, pi_gate: Tensor, W_dec: Tensor, b_dec: Tensor,
+                          l1_coefficient: float) -> Tensor:
+    "Gated SAE loss with the variant's own terms: MSE + coefficient * `gated_l1` (ReLU(pi_gate), sg(W_dec) norms) + `gated_aux`."
+    sae, pi = SimpleNamespace(W_dec=W_dec, b_dec=b_dec), flatten_rows(pi_gate)
+    return mse(x_hat, x) + l1_coefficient * gated_l1(sae, pi, None) + gated_aux(sae, flatten_rows(x), None, pi, None, None)
+
+
+def _gated_cases(seed: int = 0) -> list[Case]:
+    "Inputs (x, x_hat, pi_gate, W_dec, b_dec, l1_coefficient) for the Gated loss checker."
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_sae = 6, 12
+    W_dec = torch.randn(d_sae, d_in, generator=g) * torch.linspace(0.5, 2.0, d_sae)[:, None]   # rows of unequal norm
+    b_dec = torch.randn(d_in, generator=g)
+    def inputs(*shape):
+        x = torch.randn(*shape, d_in, generator=g) + 1.0
+        return x, x + 0.3 * torch.randn(*shape, d_in, generator=g), torch.randn(*shape, d_sae, generator=g)
+    x, x_hat, pi = inputs(16)
+    x3, x3_hat, pi3 = inputs(2, 8)
+    return [Case("rows [16, 6], 12 latents, decoder rows of norms 0.5 .. 2, l1_coefficient=0.3", (x, x_hat, pi, W_dec, b_dec, 0.3)),
+            Case("3-D input [2, 8, 6]", (x3, x3_hat, pi3, W_dec, b_dec, 0.3)),
+            Case("l1_coefficient=2", (x, x_hat, pi, W_dec, b_dec, 2.0))]
+
+
+def _small_gated_cases() -> list[Case]:
+    "A tiny Gated input, shown in full when the checker fails."
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    x_hat = torch.tensor([[0.5, 2.0], [0.5, -1.0]])
+    pi = torch.tensor([[1.0, -0.5, 0.2], [-1.0, 0.5, 2.0]])
+    W_dec = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])
+    return [Case("2 rows, d_in = 2, 3 latents", (x, x_hat, pi, W_dec, torch.tensor([0.1, -0.2]), 0.5))]
+
+
+def check_gated_loss(fn: Callable,  # your gated_loss(x, x_hat, pi_gate, W_dec, b_dec, l1_coefficient) -> 0-d tensor
+                    ):
+    "Check a learner's Gated SAE loss against MSE + L1 of the gate + the auxiliary loss through the frozen decoder."
+    check = "check_gated_loss"
+    relu = F.relu
+    wrong = {
+        "the auxiliary term is missing: add mse(ReLU(pi_gate) @ W_dec.detach() + b_dec.detach(), x), which trains the "
+        "gate to reconstruct x on its own":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * l1(relu(pi), W),
+        "your L1 is not weighted by the decoder norms: weight each ReLU(pi_gate)_i by ||W_dec[i]||_2":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * relu(pi).sum(-1).mean() + mse(relu(pi) @ W + b, x),
+        "your L1 reads |pi_gate|: the penalty is on ReLU(pi_gate), so closed gates (pi < 0) cost nothing":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * l1(pi.abs(), W) + mse(relu(pi) @ W + b, x),
+        "your auxiliary reconstruction leaves out b_dec: decode ReLU(pi_gate) as the SAE decodes, @ W_dec + b_dec":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * l1(relu(pi), W) + mse(relu(pi) @ W, x),
+        "your auxiliary term decodes the raw pi_gate: decode ReLU(pi_gate)":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * l1(relu(pi), W) + mse(pi @ W + b, x),
+        "l1_coefficient multiplies the auxiliary term too: it weights the L1 only":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + c * (l1(relu(pi), W) + mse(relu(pi) @ W + b, x)),
+        "the l1_coefficient is missing":
+            lambda x, xh, pi, W, b, c: mse(xh, x) + l1(relu(pi), W) + mse(relu(pi) @ W + b, x),
+        "you average the squared errors over d (F.mse_loss): each MSE is the mean over rows of the SUM over d":
+            lambda x, xh, pi, W, b, c: F.mse_loss(xh, x) + c * l1(relu(pi), W) + F.mse_loss(relu(pi) @ W + b, x),
+    }
+    names = ("x", "x_hat", "pi_gate", "W_dec", "b_dec", "l1_coefficient")
+
+    def grads(fn):
+        for case in cases[:2]:
+            _compare_grads(check, fn, case, _reference_gated_loss, names, (1, 2, 3, 4), {
+                "x_hat": ("no gradient reaches x_hat: the reconstruction term trains the encoder and decoder",) * 3,
+                "pi_gate": ("no gradient reaches pi_gate: the L1 and the auxiliary term are what train the gate",
+                            "", "pi_gate's gradient is wrong: it comes from the L1 of ReLU(pi_gate) and the auxiliary MSE"),
+                "W_dec": ("", "the decoder gets a gradient from the L1 or the auxiliary term: use W_dec.detach() in both "
+                              "(the decoder is trained by the main reconstruction only, through x_hat)", ""),
+                "b_dec": ("", "b_dec gets a gradient from the auxiliary term: use b_dec.detach() there", "")})
+
+    cases = _gated_cases()
+    _check_scalar_loss(check, fn, cases, _reference_gated_loss, wrong,
+                       "loss = mse(x_hat, x) + l1_coefficient * sum_i ReLU(pi_i) ||W_dec[i]|| (mean over rows) + "
+                       "mse(ReLU(pi) @ sg(W_dec) + sg(b_dec), x)", grad_arg=None, extra=grads,
+                       small=_small_gated_cases(), names=names,
+                       ratio=lambda got, exp, case: _ratio_hint(got, exp, {"n (rows)": flatten_rows(case.args[0]).shape[0]},
+                                                                "take means over rows, not sums"))
+
+# %% ../nbs/09_course.ipynb #8a44013c
+def _reference_matryoshka(x: Tensor, latents: Tensor, W_dec: Tensor, b_dec: Tensor, prefixes) -> Tensor:
+    "Matryoshka fidelity: the sum over nested prefixes m of the MSE of b_dec + latents[:, :m] @ W_dec[:m] (the SAE's own)."
+    sae = SimpleNamespace(b_dec=b_dec, W_dec=W_dec, cfg=SimpleNamespace(matryoshka_prefixes=tuple(prefixes)))
+    parts = matryoshka_mse(sae, flatten_rows(x), flatten_rows(latents), None)
+    return torch.stack(list(parts.values())).sum()
+
+
+def _matryoshka_cases(seed: int = 0) -> list[Case]:
+    "Inputs (x, latents, W_dec, b_dec, prefixes) for the Matryoshka checker."
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_sae = 6, 16
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    b_dec = torch.randn(d_in, generator=g)
+    def inputs(*shape):
+        a = F.relu(torch.randn(*shape, d_sae, generator=g))
+        return a @ W_dec + b_dec + 0.2 * torch.randn(*shape, d_in, generator=g), a
+    x, a = inputs(12)
+    x3, a3 = inputs(2, 5)
+    return [Case("rows [12, 6], 16 latents, prefixes (2, 6, 16)", (x, a, W_dec, b_dec, (2, 6, 16))),
+            Case("3-D input [2, 5, 6], prefixes (4, 16)", (x3, a3, W_dec, b_dec, (4, 16))),
+            Case("one prefix (16,): a plain MSE", (x, a, W_dec, b_dec, (16,))),
+            Case("prefixes (1, 3, 8, 16)", (x, a, W_dec, b_dec, (1, 3, 8, 16)))]
+
+
+def _small_matryoshka_cases() -> list[Case]:
+    "A tiny Matryoshka input, shown in full when the checker fails."
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    a = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])
+    W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    return [Case("2 rows, d_in = 2, 3 latents, prefixes (1, 3)", (x, a, W_dec, torch.tensor([0.5, 0.0]), (1, 3)))]
+
+
+def check_matryoshka(fn: Callable,  # your matryoshka_loss(x, latents, W_dec, b_dec, prefixes) -> 0-d tensor
+                    ):
+    "Check a learner's Matryoshka reconstruction loss: the sum over nested prefixes of the MSE of their reconstructions."
+    check = "check_matryoshka"
+
+    def variant(shift: int = 0, reduce: str = "sum", bias: bool = True, nested: bool = True, per_d: bool = False):
+        def loss(x, a, W, b, prefixes):
+            xs, a = flatten_rows(x), flatten_rows(a)
+            out, start = [], 0
+            for m in prefixes:
+                m2 = min(max(m + shift, 0), W.shape[0])
+                lo = 0 if nested else start
+                x_hat = a[:, lo:m2] @ W[lo:m2] + (b if bias else 0)
+                out.append(F.mse_loss(x_hat, xs) if per_d else mse(x_hat, xs))
+                start = m2
+            out = torch.stack(out)
+            return out.sum() if reduce == "sum" else out.mean()
+        return loss
+
+    wrong = {
+        "you take the mean over the prefixes: the loss is their SUM (each prefix is asked to reconstruct x on its own)":
+            variant(reduce="mean"),
+        "prefix off by one: latents[:, :m] keeps the first m latents; you kept m-1 (latents[:, :m-1])": variant(shift=-1),
+        "prefix off by one: latents[:, :m] keeps the first m latents; you kept m+1": variant(shift=1),
+        "each group decodes alone: the prefix m reconstructs x from ALL latents before m (latents[:, :m] @ W_dec[:m]), "
+        "not only from those since the previous prefix": variant(nested=False),
+        "b_dec is missing: every prefix decodes as the SAE does, b_dec + latents[:, :m] @ W_dec[:m]": variant(bias=False),
+        "you average the squared error over d (F.mse_loss): each MSE is the mean over rows of the SUM over d":
+            variant(per_d=True),
+        "you compute only the full dictionary's MSE: add one MSE per prefix, from latents[:, :m] @ W_dec[:m] + b_dec":
+            lambda x, a, W, b, prefixes: mse(flatten_rows(a) @ W + b, flatten_rows(x)),
+    }
+    names = ("x", "latents", "W_dec", "b_dec", "prefixes")
+
+    def grads(fn):
+        hint = "the loss must train the latents (so the encoder), the decoder and b_dec: no detach, no .item()"
+        for case in cases[:2]:
+            _compare_grads(check, fn, case, _reference_matryoshka, names, (1, 2, 3),
+                           {n: (f"no gradient reaches {n}: " + hint, hint, f"the gradient wrt {n} differs: " + hint)
+                            for n in names})
+
+    cases = _matryoshka_cases()
+    _check_scalar_loss(check, fn, cases, _reference_matryoshka, wrong,
+                       "loss = sum over m in prefixes of mse(b_dec + latents[..., :m] @ W_dec[:m], x)", grad_arg=None,
+                       extra=grads, small=_small_matryoshka_cases(), names=names,
+                       ratio=lambda got, exp, case: _ratio_hint(got, exp, {"n (rows)": flatten_rows(case.args[0]).shape[0]},
+                                                                "take means over rows, not sums"))
+
+# %% ../nbs/09_course.ipynb #bab36762
+def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    "Mean next-token cross-entropy: logits at position t predict tokens at t + 1."
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _reference_ce_recovered(clean_logits: Tensor, spliced_logits: Tensor, zero_logits: Tensor, tokens: Tensor) -> Tensor:
+    "CE loss recovered from the three runs' logits [batch, pos, vocab] and the tokens [batch, pos]."
+    return ce_loss_recovered(*(_next_token_ce(l, tokens) for l in (clean_logits, spliced_logits, zero_logits)))
+
+
+def _ce_cases(seed: int = 0) -> list[Case]:
+    "Inputs (clean_logits, spliced_logits, zero_logits, tokens) for the CE-recovered checker."
+    g = torch.Generator().manual_seed(seed)
+    def runs(b, t, v, noise):
+        tokens = torch.randint(0, v, (b, t), generator=g)
+        clean = torch.randn(b, t, v, generator=g)
+        clean[:, :-1].scatter_add_(-1, tokens[:, 1:, None], torch.full((b, t - 1, 1), 3.0))   # clean predicts well
+        return (clean, clean + noise * torch.randn(b, t, v, generator=g), torch.randn(b, t, v, generator=g) * 0.5, tokens)
+    return [Case("3 sequences of 8 tokens, vocab 11", runs(3, 8, 11, 0.5)),
+            Case("one sequence of 20 tokens, vocab 7, a spliced run close to clean", runs(1, 20, 7, 0.1)),
+            Case("4 sequences of 5 tokens, vocab 13, a poor SAE", runs(4, 5, 13, 3.0))]
+
+
+def _small_ce_cases() -> list[Case]:
+    "A tiny CE-recovered input, shown in full when the checker fails."
+    tokens = torch.tensor([[0, 2, 1]])
+    clean = torch.tensor([[[0.0, 0.0, 3.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]]])
+    spliced = torch.tensor([[[0.0, 0.5, 2.0], [0.5, 2.0, 0.0], [1.0, 0.0, 0.0]]])
+    zero = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
+    return [Case("one sequence of 3 tokens, vocab 3", (clean, spliced, zero, tokens))]
+
+
+def check_ce_recovered(fn: Callable,  # your ce_recovered(clean_logits, spliced_logits, zero_logits, tokens) -> number
+                      ):
+    "Check a learner's CE loss recovered, from the logits of the clean, spliced and zero-ablated runs."
+    check = "check_ce_recovered"
+
+    def ce_with(ce):
+        return lambda c, s, z, t: (ce(z, t) - ce(s, t)) / (ce(z, t) - ce(c, t))
+    no_shift = lambda l, t: F.cross_entropy(l.flatten(0, 1), t.flatten())
+    back = lambda l, t: F.cross_entropy(l[:, 1:].flatten(0, 1), t[:, :-1].flatten())
+    ref = _next_token_ce
+    wrong = {
+        "no shift: the logits at position t predict the NEXT token, so compare logits[:, :-1] with tokens[:, 1:]":
+            ce_with(no_shift),
+        "shifted the wrong way: logits[:, :-1] predict tokens[:, 1:] (you paired logits[:, 1:] with tokens[:, :-1])":
+            ce_with(back),
+        "you return the fraction LOST, (CE_spliced - CE_clean) / (CE_zero - CE_clean): recovered is 1 minus that, "
+        "(CE_zero - CE_spliced) / (CE_zero - CE_clean)":
+            lambda c, s, z, t: (ref(s, t) - ref(c, t)) / (ref(z, t) - ref(c, t)),
+        "your ratio is upside down: (CE_zero - CE_spliced) / (CE_zero - CE_clean), so 1 when the spliced run matches "
+        "the clean one": lambda c, s, z, t: (ref(z, t) - ref(c, t)) / (ref(z, t) - ref(s, t)),
+        "you apply softmax before F.cross_entropy, which takes LOGITS (it applies log_softmax itself)":
+            ce_with(lambda l, t: ref(l.softmax(-1), t)),
+        "you average a ratio per sequence: compute each run's mean CE over all positions first, then one ratio":
+            lambda c, s, z, t: torch.stack([ce_with(ref)(c[i:i + 1], s[i:i + 1], z[i:i + 1], t[i:i + 1])
+                                            for i in range(t.shape[0])]).mean(),
+    }
+    _check_scalar_loss(check, fn, _ce_cases(), _reference_ce_recovered, wrong,
+                       "ce_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), each CE the mean next-token "
+                       "cross-entropy over all predicted positions", grad_arg=None, small=_small_ce_cases(),
+                       names=("clean_logits", "spliced_logits", "zero_logits", "tokens"))
+
+# %% ../nbs/09_course.ipynb #423b03b1
+def _reference_train_loop(sae, batches, lr: float) -> list[float]:
+    "Adam on `sae.training_loss`, with the decoder-row gradient projection and renormalisation of unit-norm variants."
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    losses = []
+    for x in batches:
+        out = sae.training_loss(x)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        losses.append(out.loss.item())
+    return losses
+
+
+def _loop_variant(zero_grad: bool = True, project: bool = True, renorm: bool = True, step: bool = True,
+                  sgd: bool = False) -> Callable:
+    "A training loop making one known mistake (for the hints)."
+    def loop(sae, batches, lr):
+        opt = (torch.optim.SGD if sgd else torch.optim.Adam)(sae.parameters(), lr=lr)
+        losses = []
+        for x in batches:
+            out = sae.training_loss(x)
+            if zero_grad:
+                opt.zero_grad()
+            out.loss.backward()
+            if project:
+                sae.remove_gradient_parallel_to_decoder_directions()
+            if step:
+                opt.step()
+            if renorm:
+                sae.set_decoder_norm_to_unit_norm()
+            losses.append(out.loss.item())
+        return losses
+    return loop
+
+
+def _loop_data(seed: int = 0, n_batches: int = 12) -> list[Tensor]:
+    "Small batches [64, 8] with a few sparse directions, for the training-loop checker."
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(24, 8, generator=g)
+    return [(torch.rand(64, 24, generator=g) < 0.1).float() * torch.rand(64, 24, generator=g) * 3 @ dirs
+            for _ in range(n_batches)]
+
+
+def check_train_loop(fn: Callable,  # your train_loop(sae, batches, lr) -> list of floats, one loss per batch
+                    ):
+    "Train two identical small TopK SAEs, one with your loop and one with the reference; compare losses and weights."
+    # sparse_step=False: at this size the dense step is the faster one
+    check = "check_train_loop"
+    _check_callable(check, fn)
+    batches, lr = _loop_data(), 3e-3
+    case = Case("two SAEs, one trained by your loop and one by the reference",
+                ("a new TopK SAE (d_in=8, d_sae=32, k=4, seed 0)", f"{len(batches)} batches [64, 8]", lr))
+    new = lambda: make_sae("topk", d_in=8, d_sae=32, k=4, seed=0, sparse_step=False)
+    ref_sae, sae = new(), new()
+    expected = _reference_train_loop(ref_sae, batches, lr)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    got = _call(check, fn, case, (sae, batches, lr))
+    what = f"\n{_where(case)}"
+    if not isinstance(got, (list, tuple)) or len(got) != len(batches):
+        raise ExerciseError(f"{check}: your loop returned {_fmt(got) if isinstance(got, Tensor) else type(got).__name__}"
+                            f"{'' if not isinstance(got, (list, tuple)) else f' of length {len(got)}'}; expected a list "
+                            f"of {len(batches)} floats, one loss per batch{what}")
+    if any(isinstance(v, Tensor) and v.requires_grad for v in got):
+        raise ExerciseError(f"{check}: your losses are tensors that still hold their graphs{what}\n  hint: append "
+                            "out.loss.item() (or .detach()): keeping the tensor keeps every step's graph in memory")
+    params = dict(sae.named_parameters())
+    if torch.equal(params["W_enc"], before["W_enc"]) and torch.equal(params["b_enc"], before["b_enc"]):
+        raise ExerciseError(f"{check}: the SAE's weights did not change{what}\n  hint: call opt.step() after "
+                            "loss.backward(), with an optimizer built on sae.parameters()")
+    norms = params["W_dec"].detach().norm(dim=-1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        raise ExerciseError(f"{check}: after training, the decoder rows have norms {norms.min().item():.4g} .. "
+                            f"{norms.max().item():.4g}, not 1{what}\n  hint: a TopK SAE keeps unit-norm decoder rows: "
+                            "call sae.set_decoder_norm_to_unit_norm() after every opt.step()")
+    ref = dict(ref_sae.named_parameters())
+    if not all(torch.allclose(params[n], ref[n], rtol=1e-3, atol=1e-5) for n in ref):
+        hint = "your weights differ from those of the reference loop: Adam on sae.parameters(); per batch zero_grad, " \
+               "training_loss(x).loss.backward(), remove_gradient_parallel_to_decoder_directions(), step, renormalise"
+        for h, variant in [("the gradients are never zeroed, so they add up over the steps: call opt.zero_grad() "
+                            "before backward()", _loop_variant(zero_grad=False)),
+                           ("the decoder's gradient is not projected: call sae.remove_gradient_parallel_to_decoder_"
+                            "directions() between backward() and opt.step(), so the step does not fight the "
+                            "renormalisation", _loop_variant(project=False)),
+                           ("you use SGD: this loop trains with torch.optim.Adam", _loop_variant(sgd=True))]:
+            other = new()
+            variant(other, batches, lr)
+            if all(torch.allclose(params[n], p, rtol=1e-3, atol=1e-5) for n, p in other.named_parameters()):
+                hint = h
+                break
+        n = next(n for n in ref if not torch.allclose(params[n], ref[n], rtol=1e-3, atol=1e-5))
+        diff = (params[n] - ref[n]).abs().max().item()
+        raise ExerciseError(f"{check}: after training, {n} differs from the reference's (largest difference "
+                            f"{diff:.3g}){what}\n  losses: expected {', '.join(f'{v:.4g}' for v in expected[:4])}, ...; "
+                            f"got {', '.join(f'{float(v):.4g}' for v in got[:4])}, ...\n  hint: {hint}")
+    got = [float(v) for v in got]
+    if not all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, expected)):
+        i = next(i for i, (a, b) in enumerate(zip(got, expected)) if abs(a - b) > 1e-4 * max(1.0, abs(b)))
+        raise ExerciseError(f"{check}: the weights are right but the losses you return differ{what}\n  batch {i}: "
+                            f"expected {expected[i]:.6g}, got {got[i]:.6g}\n  hint: record each batch's "
+                            "training_loss(x).loss, the one you backpropagate, before the step")
+    print(f"{check}: the {len(batches)} steps match the reference (loss {expected[0]:.4g} -> {expected[-1]:.4g})")

@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_nb.course import (ExerciseError, check_auxk, check_fvu, check_jumprelu_ste, check_l1, check_mse,
-                           check_topk)
+import sae_nb.course as course
+from sae_nb import solutions
+from sae_nb.course import (ExerciseError, attempt, check_auxk, check_batch_threshold, check_batchtopk,
+                           check_ce_recovered, check_fvu, check_gated_loss, check_jumprelu_ste, check_l1,
+                           check_matryoshka, check_mse, check_topk, check_train_loop)
 from sae_nb.losses import auxk_loss, fvu, l1, mse
-from sae_nb.sae import JumpReLUFn, jumprelu, rectangle, topk_activation
+from sae_nb.sae import (JumpReLUFn, batchtopk_activation, gated_aux, gated_l1, jumprelu, rectangle,
+                        topk_activation)
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 
@@ -18,15 +22,9 @@ NBS = Path(__file__).resolve().parents[1] / "nbs"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is fastest
 
 
-def hidden_solutions() -> dict:
-    "The reference solutions hidden in the chapters' exercise cells, executed into one namespace."
-    ns = {"torch": torch, "F": F}
-    for name in ("00_losses.ipynb", "01_sae.ipynb"):
-        for cell in json.loads((NBS / name).read_text())["cells"]:
-            src = "".join(cell["source"])
-            if cell["cell_type"] == "code" and src.startswith("#| hide") and "Reference solution" in src:
-                exec(src, ns)
-    return ns
+def code_cells(name: str) -> list[str]:
+    "The source of every code cell of the notebook `name`."
+    return ["".join(c["source"]) for c in json.loads((NBS / name).read_text())["cells"] if c["cell_type"] == "code"]
 
 
 def rejects(check, fn, *needles):
@@ -54,14 +52,70 @@ def test_package_functions_pass(capsys):
     assert out.count("cases pass") == 7
 
 
-def test_hidden_solutions_of_the_chapters_pass(capsys):
-    ns = hidden_solutions()
-    assert {"my_fvu", "my_auxk", "my_topk", "MyJumpReLU"} <= set(ns)
-    check_fvu(ns["my_fvu"])
-    check_auxk(ns["my_auxk"])
-    check_topk(ns["my_topk"])
-    check_jumprelu_ste(ns["MyJumpReLU"])
-    assert capsys.readouterr().out.count("cases pass") == 4
+SOLVED = [(check_mse, solutions.mse), (check_fvu, solutions.fvu), (check_l1, solutions.l1),
+          (check_topk, solutions.topk), (check_batchtopk, solutions.batchtopk),
+          (check_batch_threshold, solutions.batch_threshold), (check_jumprelu_ste, solutions.JumpReLU),
+          (check_gated_loss, solutions.gated_loss), (check_auxk, solutions.auxk),
+          (check_matryoshka, solutions.matryoshka_loss), (check_ce_recovered, solutions.ce_recovered),
+          (check_train_loop, solutions.train_loop)]
+
+
+def test_every_checker_is_exercised_and_passes_its_solution(capsys):
+    checkers = {n for n in course.__all__ if n.startswith("check_")}
+    assert checkers == {c.__name__ for c, _ in SOLVED}
+    for check, solution in SOLVED:
+        check(solution)
+    out = capsys.readouterr().out
+    assert out.count("cases pass") == len(SOLVED) - 1 and "steps match the reference" in out
+
+
+def test_new_checkers_agree_with_the_package():
+    def package_batchtopk(z, k, threshold=None):                            # the SAE's activation, rows flattened
+        sae = SimpleNamespace(training=threshold is None, cfg=SimpleNamespace(k=k),
+                              threshold=torch.tensor(-1.0 if threshold is None else float(threshold)))
+        return batchtopk_activation(sae, z.reshape(-1, z.shape[-1])).reshape(z.shape)
+    check_batchtopk(package_batchtopk)
+
+    def package_gated(x, x_hat, pi, W_dec, b_dec, c):                        # the Gated variant's own terms
+        sae = SimpleNamespace(W_dec=W_dec, b_dec=b_dec)
+        rows = lambda t: t.reshape(-1, t.shape[-1])
+        return mse(x_hat, x) + c * gated_l1(sae, rows(pi), None) + gated_aux(sae, rows(x), None, rows(pi), None, None)
+    check_gated_loss(package_gated)
+
+
+def test_exercises_come_before_answers():
+    cells = code_cells("09a_exercises.ipynb")
+    skeletons = [c for c in cells if c.startswith(("def my_", "class My"))]
+    assert len(skeletons) == 10
+    ns = {"torch": torch, "F": F}
+    for src in skeletons:
+        exec(src, ns)
+        assert "NotImplementedError" in src
+        for answer in (".scatter(", "sum_to_size", "masked_fill", "cross_entropy(", ".detach()", "zero_grad()"):
+            assert answer not in src, (answer, src)
+    assert "solutions" not in "".join(c for c in cells if not c.startswith(("attempt(", "from sae_nb import solutions")))
+    used = " ".join(c for c in cells if c.startswith("attempt("))
+    assert all(name in used for name in course.__all__ if name.startswith("check_") and name != "check_mse")
+    for name in ("00_losses.ipynb", "01_sae.ipynb"):                          # no hidden answers in the chapters
+        assert not any("Reference solution" in c or "def my_" in c for c in code_cells(name))
+
+
+def test_attempt_checks_the_solution_until_yours_is_written(capsys):
+    def unwritten(x_hat, x, mean=None):
+        raise NotImplementedError("write my_fvu")
+    attempt(check_fvu, unwritten, solutions.fvu)
+    out = capsys.readouterr().out
+    assert "not written yet" in out and "check_fvu: all 6 cases pass" in out
+    with pytest.raises(ExerciseError, match="NotImplementedError"):          # without a solution: the error stands
+        attempt(check_fvu, unwritten)
+    with pytest.raises(ExerciseError, match="explained variance"):           # a real mistake is never replaced
+        attempt(check_fvu, lambda x_hat, x, mean=None: 1 - fvu(x_hat, x, mean), solutions.fvu)
+    class Unwritten(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, theta, bandwidth):
+            raise NotImplementedError
+    attempt(check_jumprelu_ste, Unwritten, solutions.JumpReLU)
+    assert "check_jumprelu_ste: all 5 cases pass" in capsys.readouterr().out
 
 
 # ---- planted mistakes, each with the hint that names it -------------------------------------------------------
@@ -296,3 +350,158 @@ def test_auxk_dead_mask_mistakes():
         e_hat = torch.zeros_like(z).scatter(-1, idx, F.relu(vals)) @ W_dec
         return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     rejects(check_auxk, no_special_case, "no dead latent: the loss is 0", "nothing to reconstruct the error with")
+
+
+# ---- the checkers added with the exercise page ------------------------------------------------------------
+
+def batchtopk(k_delta=0, relu=True, n_rows="all", at=">", threshold_used=True, detach=False):
+    "A BatchTopK with planted mistakes: k_delta per row, no ReLU, n from the first dim, >= at inference, ..."
+    def fn(z, k, threshold=None):
+        if threshold is not None and threshold_used:
+            return z * ((z >= threshold) if at == ">=" else (z > threshold))
+        n = z.shape[0] if n_rows == "first" else z.reshape(-1, z.shape[-1]).shape[0]
+        flat = (F.relu(z) if relu else z).flatten()
+        vals, idx = flat.topk((k + k_delta) * n)
+        out = torch.zeros_like(flat).scatter(0, idx, vals).view_as(z)
+        return out.detach() if detach else out
+    return fn
+
+
+def test_batchtopk_mistakes():
+    check_batchtopk(batchtopk())
+    rejects(check_batchtopk, batchtopk(k_delta=1), "you kept (k+1) * n = 32 values where k * n = 3 * 8 = 24")
+    rejects(check_batchtopk, batchtopk(k_delta=-1), "(k-1) * n = 16")
+    rejects(check_batchtopk, batchtopk(relu=False), "ReLU the values")
+    rejects(check_batchtopk, batchtopk(n_rows="first"), "first dim only", "here 8")
+    rejects(check_batchtopk, batchtopk(at=">="), "exactly at the threshold 0.5 is kept", "strictly")
+    rejects(check_batchtopk, batchtopk(threshold_used=False), "ignored `threshold`")
+    rejects(check_batchtopk, lambda z, k, threshold=None: course._reference_topk(z, k), "TopK per row")
+    rejects(check_batchtopk, lambda z, k, threshold=None: batchtopk()(z, k, threshold) * 2, "differs from its pre-activation")
+    rejects(check_batchtopk, batchtopk(detach=True), "wrong gradient wrt `pre_acts`", "not detached")
+    def ties(z, k, threshold=None):                                          # keeps every value tied at the cut
+        if threshold is not None:
+            return z * (z > threshold)
+        r = F.relu(z)
+        return r * (r >= r.flatten().topk(k * r.reshape(-1, r.shape[-1]).shape[0]).values[-1])
+    msg = rejects(check_batchtopk, ties, "ties at the batch's cut", "kept 10 values where k * n = 8")
+    assert "row 0 of pre_acts: [" in msg and "expected non-zeros of row" in msg   # the input and the values are shown
+
+
+def test_batch_threshold_mistakes():
+    check_batch_threshold(lambda a: a.detach()[a.detach() > 0].min())
+    rejects(check_batch_threshold, lambda a: a.min(), "zeros of the latents not kept give 0", "smallest positive values")
+    rejects(check_batch_threshold, lambda a: a.max(), "largest kept value")
+    rejects(check_batch_threshold, lambda a: a[a > 0].mean().detach(), "mean of the kept values")
+    rejects(check_batch_threshold, lambda a: a.reshape(-1, a.shape[-1]).max(-1).values, "one value per row")
+    rejects(check_batch_threshold, lambda a: a[a > 0].min(), "carries a gradient", "detach")
+
+
+def gated(aux=True, weighted=True, gate="relu", bias=True, detach_W=True, detach_b=True, detach_pi=False, per_d=False):
+    "A Gated loss with planted mistakes."
+    def fn(x, x_hat, pi, W_dec, b_dec, c):
+        m = F.mse_loss if per_d else mse
+        g = (F.relu(pi) if gate == "relu" else pi.abs())
+        g = g.detach() if detach_pi else g
+        W = W_dec.detach() if detach_W else W_dec
+        b = b_dec.detach() if detach_b else b_dec
+        sparsity = l1(g, W) if weighted else g.sum(-1).mean()
+        out = m(x_hat, x) + c * sparsity
+        if aux:
+            out = out + m(F.relu(pi if not detach_pi else pi.detach()) @ W + (b if bias else 0), x)
+        return out
+    return fn
+
+
+def test_gated_loss_mistakes():
+    check_gated_loss(gated())
+    msg = rejects(check_gated_loss, gated(aux=False), "auxiliary term is missing", "a small input on which yours differs")
+    assert "W_dec = [[3, 4], [1, 0], [0, 0.5]]" in msg
+    rejects(check_gated_loss, gated(weighted=False), "not weighted by the decoder norms")
+    rejects(check_gated_loss, gated(gate="abs"), "|pi_gate|")
+    rejects(check_gated_loss, gated(bias=False), "leaves out b_dec")
+    rejects(check_gated_loss, gated(per_d=True), "F.mse_loss")
+    msg = rejects(check_gated_loss, gated(detach_W=False), "wrong gradient wrt `W_dec`", "W_dec.detach()")
+    assert "where they differ" in msg and "expected 0, got" in msg
+    rejects(check_gated_loss, gated(detach_b=False), "wrong gradient wrt `b_dec`", "b_dec.detach()")
+    rejects(check_gated_loss, gated(detach_pi=True), "no gradient reaches pi_gate")
+    rejects(check_gated_loss, lambda *a: gated()(*a) * a[0].shape[0], "take means over rows")
+
+
+def matryoshka(shift=0, reduce="sum", nested=True, bias=True, detach=None):
+    "A Matryoshka loss with planted mistakes."
+    def fn(x, a, W_dec, b_dec, prefixes):
+        if detach == "latents": a = a.detach()
+        if detach == "W_dec": W_dec = W_dec.detach()
+        x, a = x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1])
+        parts, start = [], 0
+        for m in prefixes:
+            lo = 0 if nested else start
+            parts.append(mse(a[:, lo:m + shift] @ W_dec[lo:m + shift] + (b_dec if bias else 0), x))
+            start = m
+        parts = torch.stack(parts)
+        return parts.sum() if reduce == "sum" else parts.mean()
+    return fn
+
+
+def test_matryoshka_mistakes():
+    check_matryoshka(matryoshka())
+    msg = rejects(check_matryoshka, matryoshka(reduce="mean"), "mean over the prefixes", "a small input on which yours differs")
+    assert "prefixes = (1, 3)" in msg
+    rejects(check_matryoshka, matryoshka(shift=-1), "you kept m-1")
+    rejects(check_matryoshka, matryoshka(shift=1), "you kept m+1")
+    rejects(check_matryoshka, matryoshka(nested=False), "each group decodes alone")
+    rejects(check_matryoshka, matryoshka(bias=False), "b_dec is missing")
+    rejects(check_matryoshka, lambda x, a, W, b, p: mse(a @ W + b, x), "only the full dictionary")
+    rejects(check_matryoshka, matryoshka(detach="latents"), "no gradient reaches latents")
+    rejects(check_matryoshka, matryoshka(detach="W_dec"), "no gradient reaches W_dec")
+
+
+def ce_recovered(shift="next", form="recovered", softmax=False, per_sequence=False):
+    "CE loss recovered with planted mistakes."
+    def ce(logits, tokens):
+        if softmax: logits = logits.softmax(-1)
+        l, t = {"next": (logits[:, :-1], tokens[:, 1:]), "none": (logits, tokens),
+                "back": (logits[:, 1:], tokens[:, :-1])}[shift]
+        return F.cross_entropy(l.reshape(-1, l.shape[-1]), t.reshape(-1))
+    def fn(c, s, z, t):
+        if per_sequence:
+            return sum(fn.__wrapped__(c[i:i + 1], s[i:i + 1], z[i:i + 1], t[i:i + 1]) for i in range(len(t))) / len(t)
+        return fn.__wrapped__(c, s, z, t)
+    def one(c, s, z, t):
+        cc, cs, cz = ce(c, t), ce(s, t), ce(z, t)
+        return {"recovered": (cz - cs) / (cz - cc), "lost": (cs - cc) / (cz - cc), "upside": (cz - cc) / (cz - cs)}[form]
+    fn.__wrapped__ = one
+    return fn
+
+
+def test_ce_recovered_mistakes():
+    check_ce_recovered(ce_recovered())
+    check_ce_recovered(lambda *a: float(ce_recovered()(*a)))                   # a float is fine
+    msg = rejects(check_ce_recovered, ce_recovered(shift="none"), "no shift", "tokens = [[0, 2, 1]]")
+    assert "expected" in msg and "got" in msg
+    rejects(check_ce_recovered, ce_recovered(shift="back"), "shifted the wrong way")
+    rejects(check_ce_recovered, ce_recovered(form="lost"), "fraction LOST")
+    rejects(check_ce_recovered, ce_recovered(form="upside"), "upside down")
+    rejects(check_ce_recovered, ce_recovered(softmax=True), "softmax before F.cross_entropy")
+    rejects(check_ce_recovered, ce_recovered(per_sequence=True), "ratio per sequence")
+
+
+def test_train_loop_mistakes():
+    loop = course._loop_variant
+    check_train_loop(loop())
+    rejects(check_train_loop, loop(zero_grad=False), "never zeroed", "opt.zero_grad()", "losses: expected")
+    rejects(check_train_loop, loop(project=False), "remove_gradient_parallel_to_decoder_directions()")
+    rejects(check_train_loop, loop(renorm=False), "norms", "set_decoder_norm_to_unit_norm()")
+    rejects(check_train_loop, loop(step=False), "did not change", "opt.step()")
+    rejects(check_train_loop, loop(sgd=True), "torch.optim.Adam")
+    def graphs(sae, batches, lr):                                            # keeps the loss tensors
+        opt, out = torch.optim.Adam(sae.parameters(), lr=lr), []
+        for x in batches:
+            loss = sae.training_loss(x).loss
+            opt.zero_grad(); loss.backward(); opt.step(); sae.set_decoder_norm_to_unit_norm()
+            out.append(loss)
+        return out
+    rejects(check_train_loop, graphs, "hold their graphs", ".item()")
+    rejects(check_train_loop, lambda sae, b, lr: solutions.train_loop(sae, b, lr)[1:], "one loss per batch")
+    rejects(check_train_loop, lambda sae, b, lr: [v + 1 for v in solutions.train_loop(sae, b, lr)], "losses you return differ")
+
