@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .losses import auxk_loss, ce_loss_recovered, fvu, l1, mse
-from .sae import batchtopk_activation, gated_aux, gated_l1, jumprelu, make_sae, matryoshka_mse, rectangle
+from .sae import make_sae
+from .ste import jumprelu, rectangle
+from .variants import batchtopk_activation, gated_aux, gated_l1, matryoshka_mse
 from .utils import flatten_rows
 
 # %% auto #0

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .sae import SAE, SAEConfig, register_format
+from .formats import register_format
+from .sae import SAE, SAEConfig
 from .utils import atomic_write, bad_type
 
 # %% auto #0

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from .losses import CROSS_SAMPLE_PENALTIES
 from .metrics import DENSE_THRESHOLD, VERY_DENSE_THRESHOLD
 from .utils import atomic_write, bad_value, eval_mode, flatten_rows, resolve_device
-from .sae import SAE, VARIANTS, init_jumprelu_thresholds, make_sae
+from .sae import SAE, VARIANTS, make_sae
+from .variants import init_jumprelu_thresholds
 
 # %% auto #0
 __all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',

@@ -13,8 +13,8 @@ from sae_nb.course import (ExerciseError, attempt, check_auxk, check_batch_thres
                            check_ce_recovered, check_fvu, check_gated_loss, check_jumprelu_ste, check_l1,
                            check_matryoshka, check_mse, check_topk, check_train_loop)
 from sae_nb.losses import auxk_loss, fvu, l1, mse
-from sae_nb.sae import (JumpReLUFn, batchtopk_activation, gated_aux, gated_l1, jumprelu, rectangle,
-                        topk_activation)
+from sae_nb.ste import JumpReLUFn, jumprelu, rectangle
+from sae_nb.variants import batchtopk_activation, gated_aux, gated_l1, topk_activation
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 
@@ -96,7 +96,7 @@ def test_exercises_come_before_answers():
     assert "solutions" not in "".join(c for c in cells if not c.startswith(("attempt(", "from sae_nb import solutions")))
     used = " ".join(c for c in cells if c.startswith("attempt("))
     assert all(name in used for name in course.__all__ if name.startswith("check_") and name != "check_mse")
-    for name in ("00_losses.ipynb", "01_sae.ipynb"):                          # no hidden answers in the chapters
+    for name in ("00_losses.ipynb", "01_sae.ipynb", "01c_ste.ipynb", "01d_variants.ipynb"):                          # no hidden answers in the chapters
         assert not any("Reference solution" in c or "def my_" in c for c in code_cells(name))
 
 

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import sae_nb
-import sae_nb.sae as sae_mod
 import sae_nb.sparse as sparse_mod
+import sae_nb.ste as ste_mod
+import sae_nb.variants as variants_mod
 import sae_nb.train as train_module
 from sae_nb.data import ToyFeatures
 from sae_nb.sae import SAE, VARIANTS, make_sae
@@ -67,8 +68,8 @@ def assert_norm_close(a, b, rtol, atol, msg=""):
 # Autograd casts a gradient a Function returns in another dtype than its input's, silently; the precision rule of
 # sae_nb.sparse returns each in its input's dtype, which the CPU tests check on every Function.
 CUSTOM_FUNCTIONS = (sparse_mod.GatherPreActs, sparse_mod.DecodeActive, sparse_mod.ScatterActive, sparse_mod.GatherColumns,
-                    sparse_mod.EncoderPreActs, sparse_mod.ReusePreActs, sae_mod.JumpReLUFn, sae_mod.StepFn,
-                    sae_mod.JumpReLUL0Fn, sae_mod.GatedFn)
+                    sparse_mod.EncoderPreActs, sparse_mod.ReusePreActs, ste_mod.JumpReLUFn, ste_mod.StepFn,
+                    ste_mod.JumpReLUL0Fn, variants_mod.GatedFn)
 
 
 def record_gradient_dtypes(monkeypatch) -> tuple[list, set]:
@@ -177,14 +178,14 @@ def check_sparse_matches_dense(name: str, device: str = "cuda", tol=BF16_NORM):
     if name in TOPK_FAMILY:   # a tenth of the latents dead: AuxK too
         dead = (torch.rand(d_sae, generator=torch.Generator().manual_seed(2)) < 0.1).to(device)
     taken = []
-    real = sae_mod.pattern_above
-    sae_mod.pattern_above = lambda *a: taken.append(real(*a)) or taken[-1]
+    real = variants_mod.pattern_above
+    variants_mod.pattern_above = lambda *a: taken.append(real(*a)) or taken[-1]
     try:
         assert sparse._takes_sparse_step(x) and not dense._takes_sparse_step(x)
         out_s, g_s = step(sparse, x, dead, bf16_autocast(device))
         out_d, g_d = step(dense, x, dead, bf16_autocast(device))
     finally:
-        sae_mod.pattern_above = real
+        variants_mod.pattern_above = real
     if name not in TOPK_FAMILY:
         assert taken and taken[0] is not None, "the sparse step fell back to the dense formulas"
     assert_norm_close(out_s.loss, out_d.loss, **tol, msg="loss")

@@ -1,5 +1,5 @@
 """One definition: the loss every variant trains on, as `SAE.training_loss` computes it (sparse step, fused autograd
-nodes, bf16 autocast), equals plain autograd of the formulas of the SAE chapter, in value and in every gradient.
+nodes, bf16 autocast), equals plain autograd of the formulas of the variants chapter, in value and in every gradient.
 
 The reference below is written from the formulas with `sae_nb.losses` and ordinary torch ops only: none of the
 package's autograd Functions (JumpReLUFn, StepFn, JumpReLUL0Fn, GatedFn, the kernels of `sae_nb.sparse`). Its

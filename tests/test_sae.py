@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_nb import sae as sae_mod
+from sae_nb import formats as formats_mod
 from sae_nb.losses import mse
-from sae_nb.sae import (SAE, VARIANTS, SAEConfig, geometric_median, jumprelu, make_sae, rectangle,
-                        remove_parallel_component, step)
+from sae_nb.sae import SAE, VARIANTS, SAEConfig, geometric_median, make_sae, remove_parallel_component
+from sae_nb.ste import jumprelu, rectangle, step
 
 D_IN, D_SAE, K = 16, 64, 4
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
@@ -395,7 +395,7 @@ def test_save_overwrites_and_is_atomic(tmp_path, monkeypatch):
 
     def boom(*args, **kw):
         raise RuntimeError("killed mid-write")
-    monkeypatch.setattr(sae_mod, "save_file", boom)
+    monkeypatch.setattr(formats_mod, "save_file", boom)
     with pytest.raises(RuntimeError):
         sae.save(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before       # the old file is intact

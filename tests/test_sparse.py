@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import sae_nb.sae as sae_mod
 import sae_nb.sparse as sparse_mod
+import sae_nb.variants as variants_mod
 from sae_nb.losses import auxk_loss, auxk_nmse
 from sae_nb.sae import VARIANTS, make_sae
 from sae_nb.sparse import (batch_topk_pattern, decode_active, dead_topk_pattern, gather_pre_acts,
@@ -260,8 +261,8 @@ def test_relu_and_gated_sparse_step_matches_dense(name, density, d_in, d_sae, sh
             shift = torch.quantile(pre - sparse.b_enc, 1 - 3 / d_sae, dim=0)     # about 3 latents per row
             for s in (sparse, dense): s.b_enc.copy_(-shift)
     taken = []
-    real = sae_mod.pattern_above
-    monkeypatch.setattr(sae_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = variants_mod.pattern_above
+    monkeypatch.setattr(variants_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
     out = assert_same_step(sparse, dense, x)
     assert (taken[0] is not None) == (density == "sparse"), taken
     assert out.terms["sparsity"] > 0 and out.terms["l0"] > 0
@@ -281,8 +282,8 @@ def test_jumprelu_sparse_step_matches_dense(density, monkeypatch):
             theta = torch.quantile(pre, 1 - 2 / d_sae, dim=0).clamp_min(0.05)      # about 2 latents per row
             for s in (sparse, dense): s.log_threshold.copy_(theta.log())
     taken = []
-    real = sae_mod.pattern_above
-    monkeypatch.setattr(sae_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = variants_mod.pattern_above
+    monkeypatch.setattr(variants_mod, "pattern_above", lambda *a: taken.append(real(*a)) or taken[-1])
     out = assert_same_step(sparse, dense, x)
     assert (taken[0] is not None) == (density == "sparse"), taken
     if density == "sparse":

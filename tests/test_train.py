@@ -428,7 +428,8 @@ def test_steering_reaches_the_target_l0_in_a_run_that_did_not_converge(variant):
 
 
 def test_jumprelu_thresholds_start_where_the_data_put_them():
-    from sae_nb.sae import init_jumprelu_thresholds, make_sae
+    from sae_nb.sae import make_sae
+    from sae_nb.variants import init_jumprelu_thresholds
     x = toy().sample(2048)[0]
     sae = make_sae("jumprelu", d_in=16, d_sae=64, seed=0)
     init_jumprelu_thresholds(sae, x, 8)
