@@ -27,15 +27,13 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
-from functools import partial
 from pathlib import Path
 
 import torch
 
 import harness
-from sae_nb.sae import make_sae
-from sae_nb.train import (TrainConfig, TrainingLoss, count_firing, lr_factor, make_optimizer, ramp, resolve_config,
-                          retain_freed_memory, train_step)
+from sae_nb.train import (SAE_FIELDS, TrainConfig, build_run, count_firing, ramp, resolve_config, retain_freed_memory,
+                          train_step, training_scale)
 
 HERE = Path(__file__).resolve().parent
 PEERS_PYTHON = HERE / ".peers" / "venv" / "bin" / "python"
@@ -43,28 +41,24 @@ VARIANTS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 SAELENS_NAME = {"relu": "Standard", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
                 "gated": "Gated", "matryoshka": "MatryoshkaBatchTopK"}
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-BENCH_TRAIN_KWARGS = {"retain_cpu_memory": True}   # the benchmark opts in to retain_freed_memory (train's default is off)
+# the benchmark opts in to retain_freed_memory (train's default is off), and its batch is already at the training scale
+# (harness.make_batch: mean squared norm d_in), so it trains on it as it is: act_scale 1, as training_scale gives it
+BENCH_TRAIN_KWARGS = {"retain_cpu_memory": True, "normalise": False}
 
 
 # -- sae_nb's step: what sae_nb.train.train does for one batch ----------------------------------------------------
 def sae_nb_builder(variant: str, sae_kwargs: dict, train_kwargs: dict | None = None, sparsity: str = "init"):
     def build(shape, x, dead_mask, autocast):
         batch = shape["batch"]
-        cfg = resolve_config(TrainConfig(variant=variant, d_in=shape["d_in"], d_sae=shape["d_sae"], k=shape["k"],
-                                         batch_size=batch, total_tokens=1_000_000 * batch, sae_kwargs=sae_kwargs,
+        own = {key: v for key, v in sae_kwargs.items() if key in SAE_FIELDS}      # TrainConfig's own SAE fields (k, ...)
+        cfg = resolve_config(TrainConfig(**{"variant": variant, "d_in": shape["d_in"], "d_sae": shape["d_sae"],
+                                            "k": shape["k"], **own}, batch_size=batch, total_tokens=1_000_000 * batch,
+                                         sae_kwargs={key: v for key, v in sae_kwargs.items() if key not in own},
                                          progress=False, **{**BENCH_TRAIN_KWARGS, **(train_kwargs or {})}), x)
         if x.device.type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()   # as train() does when opted in
-        sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
-        sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
-        sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed, **{**sae_kw, **cfg.sae_kwargs}).to(x.device)
-        sae.train()
-        total_steps = cfg.total_tokens // cfg.batch_size
-        opt = make_optimizer(sae, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total_steps,
-                                                               warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay))
-        tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
-        window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
-        model = TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient)
+        # train's own set-up: the training scale, then the SAE (cfg.sae_config), Adam, the schedule, the loss, the counters
+        run = build_run(cfg, training_scale(cfg, x, x), x.device)
+        sae, tokens_since_fired = run.sae, run.tokens_since_fired
         sae.init_b_dec(x, cfg.b_dec_init)   # train's first step only: not timed
         if sparsity == "trained": set_trained_sparsity(sae, x, shape["k"])
         state = {"step": 0}
@@ -75,9 +69,9 @@ def sae_nb_builder(variant: str, sae_kwargs: dict, train_kwargs: dict | None = N
             if not torch.isfinite(xb).all(): raise ValueError("non-finite batch")
             sparsity_scale = ramp(state["step"], cfg.sparsity_warmup_steps)
             dead = tokens_since_fired >= cfg.dead_tokens_threshold
-            out = train_step(model, opt, sched, xb, dead, sparsity_scale, cfg.grad_clip, autocast, state["step"])
+            out = train_step(run.loss, run.opt, run.sched, xb, dead, sparsity_scale, cfg.grad_clip, autocast, state["step"])
             state["step"] += 1
-            count_firing(tokens_since_fired, window_fired, out.fired, batch)
+            count_firing(tokens_since_fired, run.window_fired, out.fired, batch)
         return step
     return build
 

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from .sae import SAE, VARIANTS, SAEConfig
+from .sae import SAE, VARIANTS
 from .sweep import (D_SAE_FACTOR, DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULTS, LR_GRID, MAIN_VARIANTS, SWEEP_DEFAULTS,
                           check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens,
                           train_and_evaluate_config, write_report)
-from .train import TrainConfig, resolve_config, train, validate_config
+from .train import DEFAULT_D_SAE_FACTOR, TrainConfig, resolve_config, train, validate_config
 from .inspect import inspect_parser, run_inspect
 
 # %% auto #0
-__all__ = ['TRAIN_SET_BY_CLI', 'TRAIN_ALIASES', 'TRAIN_DEFAULTS', 'TRAIN_MISSING_HELP', 'TRAIN_EPILOG', 'PRINTED_METRICS',
-           'field_comments', 'dataclass_options', 'config_kwargs', 'build_parser', 'load_activation_cache',
-           'option_message', 'train_config_kwargs', 'main']
+__all__ = ['TRAIN_SET_BY_CLI', 'TRAIN_ALIASES', 'TRAIN_DEFAULTS', 'TRAIN_EPILOG', 'PRINTED_METRICS', 'field_comments',
+           'dataclass_options', 'config_kwargs', 'build_parser', 'load_activation_cache', 'option_message',
+           'train_config_kwargs', 'main']
 
 # %% ../nbs/08b_cli.ipynb #7f9eb212
 def field_comments(cls) -> tuple[dict[str, str], dict[str, str | None]]:
@@ -145,7 +145,7 @@ def config_kwargs(args: argparse.Namespace, names) -> dict:
 TRAIN_SET_BY_CLI = {"d_in": "the width of the hook's activations (or of the --cache rows)"}   # TrainConfig fields without an option
 TRAIN_ALIASES = {"total_tokens": ["--tokens"], "target_l0": ["--l0"], "l1_coefficient": ["--l1"]}  # the earlier short flags
 TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s default differs from TrainConfig's
-    "d_sae": f"{D_SAE_FACTOR} x d_in",
+    "d_sae": f"{D_SAE_FACTOR} x d_in, the sweep's width; none: {DEFAULT_D_SAE_FACTOR} x d_in",
     "k": "the L0 target (TopK family)",
     "target_l0": "16 when none of --k, --l1, --l0-coefficient, --target-l0 is given",
     "total_tokens": str(SWEEP_DEFAULTS["total_tokens"]),
@@ -153,7 +153,6 @@ TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s de
     "eval_every": str(SWEEP_DEFAULTS["eval_every"]),
     "dead_tokens_threshold": "min(total_tokens, 2**18)",
 }
-TRAIN_MISSING_HELP = {"adam_betas": "Adam's beta1 and beta2"}   # a field whose line in TrainConfig has no comment
 TRAIN_EPILOG = ("Not options: d_in (" + TRAIN_SET_BY_CLI["d_in"] + "); the SAE's provenance, hook_name and model_name, "
                 "which enter its config through sae_kwargs from --hook and --model (or the cache's). "
                 "--out DIR gets model.safetensors and config.json (the SAE), metrics.json and train_config.json (the whole TrainConfig).")
@@ -203,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(t, DEFAULT_HOOK, device=False)      # --device is TrainConfig's
     t.add_argument("--cache", default=None, help="train on this activation cache directory (from a sweep) instead of running the model")
     t.add_argument("--out", default="sae_nb_sae", help="directory for the SAE, its metrics and its TrainConfig (default ./sae_nb_sae)")
-    dataclass_options(t, TrainConfig, exclude=TRAIN_SET_BY_CLI, aliases=TRAIN_ALIASES, defaults=TRAIN_DEFAULTS,
-                      missing_help=TRAIN_MISSING_HELP)
+    dataclass_options(t, TrainConfig, exclude=TRAIN_SET_BY_CLI, aliases=TRAIN_ALIASES, defaults=TRAIN_DEFAULTS)
 
     e = sub.add_parser("eval", help="evaluate a saved SAE on held-out tokens and print its metrics")
     e.add_argument("dir", help="directory of a saved SAE (model.safetensors + config.json)")
@@ -256,9 +254,9 @@ def load_activation_cache(cache_dir) -> tuple[torch.Tensor, dict]:
 
 
 def option_message(err: Exception) -> str:
-    "A `TrainConfig.<field>: ...` message from `validate_config` with the field's option in front."
-    m = re.match(r"TrainConfig\.(\w+): (.*)", str(err), re.S)
-    return f"--{m[1].replace('_', '-')} (TrainConfig.{m[1]}): {m[2]}" if m else str(err)
+    "A `TrainConfig.<field>: ...` (or `TrainConfig.sae_kwargs['name']: ...`) message from `validate_config` with the field's option in front."
+    m = re.match(r"TrainConfig\.(\w+)(\[[^\]]*\])?: (.*)", str(err), re.S)
+    return f"--{m[1].replace('_', '-')} (TrainConfig.{m[1]}{m[2] or ''}): {m[3]}" if m else str(err)
 
 
 def train_config_kwargs(args) -> dict:
@@ -276,20 +274,15 @@ def train_config_kwargs(args) -> dict:
             users = [v for v, s in VARIANTS.items() if s.coefficient == name]
             raise ValueError(f"--{name.replace('_', '-')}: only {', '.join(users)} use {name}, not {variant!r}")
     if all(kw.get(n) is None for n in ("k", "target_l0", "l1_coefficient", "l0_coefficient")): kw["target_l0"] = 16
-    target = kw.get("target_l0")
-    if target is not None and spec.uses_k:
-        if int(target) != target: raise ValueError(f"--l0: the {variant!r} variant needs an integer L0 (its k), got {target}")
-        kw["target_l0"] = int(target)
     kw.setdefault("total_tokens", SWEEP_DEFAULTS["total_tokens"])
     kw["batch_size"] = min(kw.get("batch_size", SWEEP_DEFAULTS["batch_size"]), kw["total_tokens"])
     kw.setdefault("eval_every", SWEEP_DEFAULTS["eval_every"])
     kw.setdefault("dead_tokens_threshold", min(kw["total_tokens"], 2**18))
     reserved = sorted({"hook_name", "model_name"} & set(kw.get("sae_kwargs", {})))
     if reserved: raise ValueError(f"--sae-kwargs: {reserved} come from --hook and --model (or the cache), not from sae_kwargs")
-    unknown = sorted(set(kw.get("sae_kwargs", {})) - {f.name for f in dataclasses.fields(SAEConfig)})
-    if unknown: raise ValueError(f"--sae-kwargs: unknown SAEConfig field(s) {unknown}")
-    try: validate_config(TrainConfig(**kw))   # every value checked before any work (d_in still unknown)
+    try: validate_config(TrainConfig(**kw))   # every value checked before any work (d_in still unknown); sae_kwargs by SAEConfig
     except (TypeError, ValueError) as err: raise ValueError(option_message(err)) from None
+    if kw.get("target_l0") is not None and spec.uses_k: kw["target_l0"] = int(kw["target_l0"])   # an integer: checked above
     kw["device"] = resolve_device(kw.get("device", "auto"))
     return kw
 
@@ -320,10 +313,10 @@ def _train(args, parser) -> int:
         held_out = hook_activations(model, sweep_tokens(model, SWEEP_DEFAULTS["n_heldout_seq"], seed=seed + 2, split="val"), hook)
         source = ActivationStore(model, hook, tokens, batch_size=kw["batch_size"], seed=seed, progress=progress)
     d_in = held_out.shape[-1]
-    cfg = TrainConfig(**{**kw, "d_in": d_in, "d_sae": kw.get("d_sae") or D_SAE_FACTOR * d_in,   # provenance set at construction
-                         "sae_kwargs": {**kw.get("sae_kwargs", {}), "hook_name": hook, "model_name": model_name}})
+    cfg = TrainConfig(**{**kw, "d_in": d_in, "d_sae": kw["d_sae"] if "d_sae" in kw else D_SAE_FACTOR * d_in,  # none: 8 d_in
+                         "sae_kwargs": {**kw.get("sae_kwargs", {}), "hook_name": hook, "model_name": model_name}})  # provenance
     try: cfg = resolve_config(cfg, source)         # k or the L0 target within d_sae, now that d_sae is known
-    except ValueError as err: parser.error(option_message(err))
+    except (TypeError, ValueError) as err: parser.error(option_message(err))
     if args.cache is not None:
         result = train(cfg, source, held_out=held_out)
         sae = result.sae

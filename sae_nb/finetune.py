@@ -17,10 +17,11 @@ from .data import act_scale_from_mean_sq_norm, hook_activations
 from .lm import check_hook_name, replace_activation
 from .losses import kl_div, mse
 from .sae import SAE, VARIANTS, make_sae
+from .train import DEFAULT_D_SAE_FACTOR, LRSchedule, count_firing, make_optimizer, train_step
 from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows, keep_modes
 
 # %% auto #0
-__all__ = ['VARIANCE_FLOOR', 'KLLoss', 'kl_loss', 'FinetuneResult', 'kl_finetune', 'e2e_train']
+__all__ = ['VARIANCE_FLOOR', 'KLLoss', 'kl_loss', 'FinetuneResult', 'KLObjective', 'kl_finetune', 'e2e_train']
 
 # %% ../nbs/06_finetune.ipynb #1f671ad6
 class KLLoss(NamedTuple):
@@ -98,14 +99,27 @@ def _batch_order(n_seq: int, batch_seqs: int, steps: int, seed: int) -> Tensor:
     return torch.cat(order)[:need].view(steps, batch_seqs)
 
 
+class KLObjective:
+    "`kl_loss` as the loss `sae_nb.train.train_step` calls: (tokens, dead_mask, ...) -> (loss, terms, fired), the SAE as `.sae`."
+    def __init__(self, sae: SAE, model: nn.Module, hook_name: str, mse_coefficient: float, kl_coefficient: float):
+        self.sae, self.model, self.hook_name = sae, model, hook_name
+        self.mse_coefficient, self.kl_coefficient = mse_coefficient, kl_coefficient
+
+    def __call__(self, tokens: Tensor, dead_mask: Tensor | None, sparsity_scale: float = 1.0, cross_scale: float | None = None):
+        "(loss, terms, fired [d_sae]) of one batch of sequences; the sparsity coefficient stays the SAE's own (no warm-up, no steering)."
+        out = kl_loss(self.sae, self.model, self.hook_name, tokens, self.mse_coefficient, dead_mask=dead_mask,
+                      kl_coefficient=self.kl_coefficient)
+        return out.loss, out.terms, (out.latents != 0).sum(0)
+
+
 def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip,
                      log_every, dead_tokens_threshold, seed, progress, desc, kl_coefficient=1.0):
-    "The loop `kl_finetune` and `e2e_train` share: Adam on `kl_loss`, trains `sae` in place, returns its history."
+    "The loop `kl_finetune` and `e2e_train` share: `sae_nb.train`'s step, optimiser, schedule and counters on `kl_loss`; trains `sae` in place, returns its history."
     device = next(model.parameters()).device
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    decay_steps = int(lr_decay * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (steps - t) / decay_steps) if decay_steps else 1.0)
+    opt = make_optimizer(sae, lr)                                                 # Adam, every parameter at `lr`
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(steps, 0, lr_decay))   # constant, then the final decay
+    objective = KLObjective(sae, model, hook_name, mse_coefficient, kl_coefficient)
     order = _batch_order(len(tokens), batch_seqs, steps, seed)
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)   # tokens since each latent last fired
     history, t0 = [], time.perf_counter()
@@ -117,18 +131,9 @@ def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, 
             for step in tqdm(range(steps), disable=not progress, desc=desc):
                 toks = tokens[order[step]].to(device)
                 dead = since_fired >= dead_tokens_threshold if dead_tokens_threshold is not None else None
-                out = kl_loss(sae, model, hook_name, toks, mse_coefficient, dead_mask=dead, kl_coefficient=kl_coefficient)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                sae.remove_gradient_parallel_to_decoder_directions()
-                if grad_clip is not None: nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-                if not torch.isfinite(out.loss.detach()):
-                    raise FloatingPointError(f"kl training: non-finite loss at step {step + 1} ({out.loss.item()}); stopped")
                 lr_now = opt.param_groups[0]["lr"]
-                opt.step(); sched.step()
-                sae.set_decoder_norm_to_unit_norm()
-                since_fired += out.latents.shape[0]
-                since_fired[(out.latents != 0).any(0)] = 0
+                out = train_step(objective, opt, sched, toks, dead, grad_clip=grad_clip, step=step, name="kl training")
+                count_firing(since_fired, None, out.fired, toks.numel())
                 if (step + 1) % log_every == 0 or step + 1 == steps:
                     row = {"step": step + 1, "tokens": (step + 1) * toks.numel(), "loss": out.loss.item(),
                            **{k: v.item() for k, v in out.terms.items()}, "lr": lr_now, "seconds": time.perf_counter() - t0}
@@ -177,7 +182,7 @@ def e2e_train(model: nn.Module,          # the language model (a TransformerBrid
               hook_name: str,            # where the SAE reads and writes
               tokens: Tensor,            # LongTensor [n_seq, ctx]: the training sequences
               variant: str = "topk",     # one of sae_nb.sae.VARIANTS
-              d_sae: int | None = None,  # number of latents; None: 8 * d_in
+              d_sae: int | None = None,  # number of latents; None: 8 * d_in (sae_nb.train.DEFAULT_D_SAE_FACTOR)
               steps: int = 1000,         # Adam steps
               lr: float = 1e-3,          # peak learning rate
               mse_coefficient: float = 0.0,  # lambda_mse (0: pure KL + sparsity, Braun et al.'s e2e loss)
@@ -200,7 +205,7 @@ def e2e_train(model: nn.Module,          # the language model (a TransformerBrid
     x = hook_activations(model, tokens[:n_norm_seqs], hook_name)           # [n, d_in] raw units
     d_in = x.shape[1]
     scale = act_scale_from_mean_sq_norm(x.pow(2).sum(1).mean().item(), d_in)
-    sae = make_sae(variant, d_in=d_in, d_sae=d_sae if d_sae is not None else 8 * d_in, seed=seed,
+    sae = make_sae(variant, d_in=d_in, d_sae=d_sae if d_sae is not None else DEFAULT_D_SAE_FACTOR * d_in, seed=seed,
                    act_scale=scale, hook_name=hook_name, **sae_kwargs).to(x.device)
     sae.init_b_dec(x)
     history = _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay,

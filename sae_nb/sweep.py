@@ -23,13 +23,13 @@ from .data import ActivationStore, hook_activations
 from .lm import check_hook_name, corpus_bytes, default_tokens, load_model
 from .metrics import evaluate
 from .sae import VARIANTS
-from .train import TrainConfig, train
+from .train import TrainConfig, resolve_config, train
 
 # %% auto #0
 __all__ = ['DEFAULT_HOOK', 'MAIN_VARIANTS', 'DEFAULT_L0_TARGETS', 'D_SAE_FACTOR', 'LR_GRID', 'L0_TOLERANCE', 'SWEEP_DEFAULTS',
            'FAST_DEFAULTS', 'ROW_COLUMNS', 'REPORT_COLUMNS', 'COLUMN_NOTES', 'sweep_tokens', 'load_sweep_model',
-           'check_sweep_options', 'row_flags', 'train_and_evaluate_config', 'train_and_evaluate', 'run_sweep',
-           'summarise', 'anchor_checks', 'markdown_table', 'write_report', 'resolve_device']
+           'check_sweep_options', 'row_flags', 'train_and_evaluate_config', 'sweep_train_config', 'train_and_evaluate',
+           'run_sweep', 'summarise', 'anchor_checks', 'markdown_table', 'write_report', 'resolve_device']
 
 # %% ../nbs/08a_sweep.ipynb #c147cf93
 DEFAULT_HOOK = "blocks.0.hook_resid_post"    # the residual stream between the default model's two blocks
@@ -145,6 +145,21 @@ def train_and_evaluate_config(cfg: TrainConfig,   # the whole run, provenance (h
     return sae, result, row
 
 
+def sweep_train_config(variant: str,           # SAE variant
+                       l0_target: int,         # the L0 it is trained to (k for the TopK family, steered otherwise)
+                       d_sae: int, total_tokens: int, batch_size: int, lr: float,
+                       seed: int = 0, device: str = "cpu", progress: bool = False,
+                       hook_name: str | None = None,   # provenance: the hook the SAE reads ...
+                       model_name: str | None = None,  # ... of this model; both go into the SAE's config at construction
+                       **train_kw,             # further TrainConfig fields (eval_every, dead_tokens_threshold, sae_kwargs, ...)
+                      ) -> TrainConfig:
+    "The TrainConfig of one sweep point: its target, width, budget and lr, the provenance in `sae_kwargs`, dead latents counted over at most 2**18 tokens."
+    sae_kwargs = {**train_kw.pop("sae_kwargs", {}), "hook_name": hook_name, "model_name": model_name}
+    return TrainConfig(variant=variant, target_l0=l0_target, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size,
+                       lr=lr, seed=seed, device=device, progress=progress, sae_kwargs=sae_kwargs,
+                       **{"dead_tokens_threshold": min(total_tokens, 2**18), **train_kw})
+
+
 def train_and_evaluate(variant: str,            # SAE variant
                        l0_target: int,          # the L0 it is trained to (k for the TopK family, steered otherwise)
                        store: ActivationStore,  # training activations
@@ -156,10 +171,8 @@ def train_and_evaluate(variant: str,            # SAE variant
                        **train_kw,              # further TrainConfig fields (eval_every, dead_tokens_threshold, sae_kwargs, ...)
                       ):
     "`train_and_evaluate_config` on the sweep's TrainConfig for one point: returns (sae, TrainResult, row)."
-    sae_kwargs = {**train_kw.pop("sae_kwargs", {}), "hook_name": hook_name, "model_name": model_name}
-    cfg = TrainConfig(variant=variant, target_l0=l0_target, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size,
-                      lr=lr, seed=seed, device=device, progress=progress, sae_kwargs=sae_kwargs,
-                      **{"dead_tokens_threshold": min(total_tokens, 2**18), **train_kw})
+    cfg = sweep_train_config(variant, l0_target, d_sae, total_tokens, batch_size, lr, seed, device, progress,
+                             hook_name=hook_name, model_name=model_name, **train_kw)
     return train_and_evaluate_config(cfg, store, model, hook_name, eval_tokens, held_out=held_out)
 
 
@@ -209,7 +222,11 @@ def run_sweep(model="default",            # "default" (the embedded model), a Hu
     held_out = hook_activations(lm, sweep_tokens(lm, s["n_heldout_seq"], s["ctx"], seed=seed + 2, split="val"), hook_name)
     d_in = held_out.shape[-1]
     width = d_sae if d_sae is not None else D_SAE_FACTOR * d_in
-    if max(l0_targets) > width: raise ValueError(f"l0_targets: {max(l0_targets)} is more than d_sae={width}")
+    for variant in variants:   # each variant's config at the largest target, checked (TrainConfig's and SAEConfig's checks) before any training
+        try: resolve_config(sweep_train_config(variant, max(l0_targets), width, s["total_tokens"], s["batch_size"], lr_grid[0],
+                                               eval_every=s["eval_every"]), held_out)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"l0_targets: {max(l0_targets)} with d_sae={width} for {variant!r}: {err}") from None
     pick_target = l0_targets[(len(l0_targets) - 1) // 2]    # the lr is picked at the middle target (the lower of two)
 
     tmp = tempfile.TemporaryDirectory(prefix="sae_nb_sweep_") if out_dir is None else nullcontext(None)

@@ -14,7 +14,6 @@ import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,20 +27,24 @@ from tqdm import tqdm
 
 from .losses import CROSS_SAMPLE_PENALTIES
 from .metrics import DENSE_THRESHOLD, VERY_DENSE_THRESHOLD
-from .utils import atomic_write, bad_value, eval_mode, flatten_rows, resolve_device
-from .sae import SAE, VARIANTS, make_sae
+from .data import act_scale_from_mean_sq_norm
+from .utils import atomic_write, bad_type, bad_value, check_choice, eval_mode, flatten_rows, resolve_device
+from .sae import SAE, VARIANTS, SAEConfig
 from .variants import init_jumprelu_thresholds
 
 # %% auto #0
-__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'CHECKPOINT_FILE', 'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING',
-           'STEER_TOLERANCE', 'STEER_HOLD_LR', 'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config',
-           'resolve_config', 'ramp', 'lr_factor', 'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint',
-           'TrainResult', 'TrainingLoss', 'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult',
-           'train_step', 'count_firing', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
+__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'DEFAULT_D_SAE_FACTOR', 'UNKNOWN_WIDTH', 'SAE_FIELDS', 'CHECKPOINT_FILE',
+           'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING', 'STEER_TOLERANCE', 'STEER_HOLD_LR',
+           'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp', 'lr_factor',
+           'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint', 'TrainResult', 'TrainingLoss',
+           'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult', 'train_step', 'count_firing',
+           'Run', 'build_run', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
 B_DEC_INITS = ("geometric_median", "mean", None)
+DEFAULT_D_SAE_FACTOR = 8    # TrainConfig.d_sae = None: 8 * d_in latents
+UNKNOWN_WIDTH = 2**31       # the d_sae the SAE fields are checked against while neither d_sae nor d_in is known
 
 
 @dataclass
@@ -57,7 +60,7 @@ class TrainConfig:
     bandwidth: float | None = None         # jumprelu: width of the straight-through kernel
     aux_k: int | None = None               # TopK family: latents in the AuxK reconstruction
     aux_coefficient: float | None = None   # TopK family: weight of the AuxK loss
-    sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field, passed to make_sae
+    sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field (threshold_init, act_scale, hook_name, model_name, ...)
     target_l0: float | None = None         # aim at this L0: k for the TopK family; relu, gated, jumprelu: the steered coefficient
     l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * clip(log(L0 / target_l0), -1, 1)
     l0_steer_start: float = 0.1            # the steered coefficient starts at this times its configured value
@@ -70,7 +73,7 @@ class TrainConfig:
     lr_warmup_steps: int = 0               # linear warm-up of the learning rate over the first steps
     lr_decay: float = 0.2                  # fraction of the run, at its end, over which the lr decays linearly to 0
     sparsity_warmup_steps: int = 0         # linear warm-up of the sparsity coefficient (L1/L0 variants)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam's beta1 and beta2: decay rates of its gradient mean and square averages
     grad_clip: float | None = 1.0          # clip the gradient's global norm (None: no clipping)
     b_dec_init: str | None = "geometric_median"  # start b_dec at the first batch's "geometric_median", "mean", or None
     # held-out evaluation and convergence (used when `train` is given held-out activations)
@@ -94,71 +97,130 @@ class TrainConfig:
     progress: bool = True                  # show a tqdm progress bar
     retain_cpu_memory: bool = False        # opt-in, CPU: call `retain_freed_memory` (faster steps; process-wide, irreversible)
 
+    def sae_config(self,
+                   d_in=None,       # the width where `self.d_in` is None (the source's)
+                   act_scale=None,  # the run's training scale (None: `sae_kwargs['act_scale']`, else SAEConfig's 1)
+                  ) -> SAEConfig:
+        "The SAE's `SAEConfig`: the SAE fields that are set, then `sae_kwargs`, checked by SAEConfig; an error names the TrainConfig field."
+        return _sae_config(self, d_in, act_scale)
+
+
+SAE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name in {g.name for g in dataclasses.fields(SAEConfig)})
+
+
+def _sae_config(cfg: TrainConfig, d_in, act_scale) -> SAEConfig:
+    "`TrainConfig.sae_config`: build the SAEConfig, renaming the field in an error of its checks to the TrainConfig field it came from."
+    kw = cfg.sae_kwargs
+    if not isinstance(kw, dict): raise bad_type("TrainConfig.sae_kwargs", "a dict of SAEConfig fields", kw)
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown, owned = sorted(set(kw) - known), sorted(set(kw) & set(SAE_FIELDS))
+    if unknown: raise ValueError(f"TrainConfig.sae_kwargs: unknown SAEConfig field(s) {unknown}; expected names from {sorted(known - set(SAE_FIELDS))}")
+    if owned: raise ValueError(f"TrainConfig.sae_kwargs: {owned} are TrainConfig fields; set them there, not in sae_kwargs")
+    if cfg.d_in is not None and d_in is not None and d_in != cfg.d_in:
+        raise ValueError(f"d_in: expected TrainConfig.d_in={cfg.d_in} or None, got {d_in}")
+    d_in = cfg.d_in if cfg.d_in is not None else d_in
+    if d_in is None: raise ValueError("TrainConfig.d_in: None, and no width was given; pass the source's d_in")
+    spec = VARIANTS.get(cfg.variant)
+    k_from_target = spec is not None and spec.uses_k and cfg.target_l0 is not None
+    values = {name: getattr(cfg, name) for name in SAE_FIELDS}
+    values.update(d_in=d_in, d_sae=cfg.d_sae if cfg.d_sae is not None else DEFAULT_D_SAE_FACTOR * d_in)
+    if k_from_target: values["k"] = int(cfg.target_l0)                  # the TopK family: the L0 target is k
+    values = {name: v for name, v in values.items() if v is not None}   # None: SAEConfig's default
+    values.update(kw)
+    if act_scale is not None: values["act_scale"] = act_scale
+    try:
+        return SAEConfig(**values)
+    except (TypeError, ValueError) as err:
+        name, sep, rest = str(err).partition(": ")
+        if not sep: raise
+        where = (f"sae_kwargs[{name!r}]" if name in kw else "target_l0" if name == "k" and k_from_target
+                 else name if name in SAE_FIELDS else None)
+        if where is None: raise
+        raise type(err)(f"TrainConfig.{where}: {rest}") from None
+
 # %% ../nbs/04_train.ipynb #02e2defd
-def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
-def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _kind_ok(v, kind) -> bool:
+    "Whether `v` is of `kind`: int (not bool), float (an int or float, not bool), bool, or a type or tuple of types."
+    if kind is bool: return isinstance(v, bool)
+    if isinstance(v, bool): return False
+    return isinstance(v, (int, float) if kind is float else kind)
+
+
+def _finite(v) -> bool: return math.isfinite(v)
 
 
 def validate_config(cfg: TrainConfig) -> TrainConfig:
-    "Raise ValueError (TypeError for a wrong type) naming the first bad field of `cfg`; return `cfg`."
+    "Raise TypeError (a wrong type) or ValueError (a wrong value) naming the first bad field of `cfg`; return `cfg`."
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
-    def bad(name, expected):
-        raise bad_value(f"TrainConfig.{name}", expected, getattr(cfg, name))
-    if cfg.variant not in VARIANTS: bad("variant", f"one of {tuple(VARIANTS)}")
-    for name in ("d_in", "d_sae", "k", "aux_k"):
+
+    def need(name, kind, ok, expected, none_ok=False):
         v = getattr(cfg, name)
-        if v is not None and not (_is_int(v) and v >= 1): bad(name, "an int >= 1 or None")
-    if cfg.k is not None and cfg.d_sae is not None and cfg.k > cfg.d_sae and VARIANTS[cfg.variant].uses_k:
-        bad("k", f"at most d_sae={cfg.d_sae}")
-    for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
-        v = getattr(cfg, name)
-        if v is not None and not (_is_number(v) and v >= 0): bad(name, "a finite number >= 0 or None")
-    if cfg.bandwidth is not None and not (_is_number(cfg.bandwidth) and cfg.bandwidth > 0): bad("bandwidth", "a number > 0 or None")
-    if cfg.target_l0 is not None:
-        if not (_is_number(cfg.target_l0) and cfg.target_l0 > 0): bad("target_l0", "a number > 0 (an L0) or None")
-        if VARIANTS[cfg.variant].uses_k and int(cfg.target_l0) != cfg.target_l0:
-            bad("target_l0", f"an integer for the {cfg.variant!r} variant (it becomes k)")
-        if cfg.d_sae is not None and cfg.target_l0 > cfg.d_sae: bad("target_l0", f"at most d_sae={cfg.d_sae}")
-    if not (_is_number(cfg.l0_steer_rate) and cfg.l0_steer_rate >= 0): bad("l0_steer_rate", "a finite number >= 0")
-    if not (_is_number(cfg.l0_steer_start) and cfg.l0_steer_start > 0): bad("l0_steer_start", "a finite number > 0")
-    if not isinstance(cfg.sae_kwargs, dict): bad("sae_kwargs", "a dict of SAEConfig fields")
+        if v is None and none_ok: return
+        expected = expected + (" or None" if none_ok else "")
+        if not _kind_ok(v, kind): raise bad_type(f"TrainConfig.{name}", expected, v)
+        if not ok(v): raise bad_value(f"TrainConfig.{name}", expected, v)
+
+    # the L0 target first: for the TopK family it becomes the SAE's k
+    need("target_l0", float, lambda v: _finite(v) and v > 0, "a number > 0 (an L0)", none_ok=True)
+    spec = VARIANTS.get(cfg.variant)
+    if cfg.target_l0 is not None and spec is not None and spec.uses_k and int(cfg.target_l0) != cfg.target_l0:
+        raise bad_value("TrainConfig.target_l0", f"an integer for the {cfg.variant!r} variant (it becomes k)", cfg.target_l0)
+    # the SAE's fields and sae_kwargs: SAEConfig's own checks, on stand-in widths while the source's d_in is unknown
+    if cfg.d_in is not None: cfg.sae_config()
+    else:
+        try: dataclasses.replace(cfg, d_in=1, d_sae=cfg.d_sae if cfg.d_sae is not None else _stand_in_d_sae(cfg)).sae_config()
+        except (TypeError, ValueError) as err:   # a bound that is the stand-in width reads as what it stands for
+            raise type(err)(str(err).replace(str(UNKNOWN_WIDTH), "d_sae")) from None
+    if cfg.target_l0 is not None and cfg.d_sae is not None and cfg.target_l0 > cfg.d_sae:
+        raise bad_value("TrainConfig.target_l0", f"at most d_sae={cfg.d_sae}", cfg.target_l0)
+    need("l0_steer_rate", float, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+    need("l0_steer_start", float, lambda v: _finite(v) and v > 0, "a finite number > 0")
     for name in ("total_tokens", "batch_size", "dead_tokens_threshold", "checkpoint_every", "log_every", "eval_every"):
-        v = getattr(cfg, name)
-        if not (_is_int(v) and v >= 1): bad(name, "an int >= 1")
-    if cfg.total_tokens < cfg.batch_size: bad("total_tokens", f"at least batch_size={cfg.batch_size} (one step)")
-    for name in ("lr_warmup_steps", "sparsity_warmup_steps", "seed"):
-        v = getattr(cfg, name)
-        if not (_is_int(v) and v >= 0): bad(name, "an int >= 0")
-    if not (_is_number(cfg.lr) and cfg.lr > 0): bad("lr", "a finite number > 0")
-    if not (_is_number(cfg.threshold_lr_scale) and cfg.threshold_lr_scale > 0): bad("threshold_lr_scale", "a finite number > 0")
-    if not (_is_number(cfg.lr_decay) and 0 <= cfg.lr_decay < 1): bad("lr_decay", "a fraction of the run in [0, 1)")
-    if not (_is_number(cfg.converge_tol) and cfg.converge_tol >= 0): bad("converge_tol", "a finite number >= 0")
-    if not (_is_number(cfg.converge_window) and 0 < cfg.converge_window < 1): bad("converge_window", "a fraction in (0, 1)")
+        need(name, int, lambda v: v >= 1, "an int >= 1")
+    if cfg.total_tokens < cfg.batch_size:
+        raise bad_value("TrainConfig.total_tokens", f"at least batch_size={cfg.batch_size} (one step)", cfg.total_tokens)
+    for name in ("lr_warmup_steps", "sparsity_warmup_steps"):
+        need(name, int, lambda v: v >= 0, "an int >= 0")
+    need("lr", float, lambda v: _finite(v) and v > 0, "a finite number > 0")
+    need("threshold_lr_scale", float, lambda v: _finite(v) and v > 0, "a finite number > 0")
+    need("lr_decay", float, lambda v: _finite(v) and 0 <= v < 1, "a fraction of the run in [0, 1)")
+    need("converge_tol", float, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+    need("converge_window", float, lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)")
     betas = cfg.adam_betas
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
-        bad("adam_betas", "two numbers in [0, 1)")
-    if cfg.grad_clip is not None and not (_is_number(cfg.grad_clip) and cfg.grad_clip > 0): bad("grad_clip", "a number > 0 or None")
-    if cfg.b_dec_init not in B_DEC_INITS: bad("b_dec_init", f"one of {B_DEC_INITS}")
-    if cfg.cross_sample_penalty is not None and cfg.cross_sample_penalty not in CROSS_SAMPLE_PENALTIES:
-        bad("cross_sample_penalty", f"None or one of {tuple(CROSS_SAMPLE_PENALTIES)}")
-    if not (_is_number(cfg.cross_sample_coefficient) and cfg.cross_sample_coefficient >= 0):
-        bad("cross_sample_coefficient", "a finite number >= 0")
-    if not isinstance(cfg.device, str): bad("device", "'auto' or a torch device string such as 'cpu' or 'cuda:0'")
-    if cfg.device != "auto":
-        try: torch.device(cfg.device)
-        except (RuntimeError, ValueError): bad("device", "'auto' or a torch device string such as 'cpu' or 'cuda:0'")
-    if cfg.autocast not in AUTOCAST_CHOICES: bad("autocast", f"one of {AUTOCAST_CHOICES}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_kind_ok(b, float) for b in betas)):
+        raise bad_type("TrainConfig.adam_betas", "two numbers in [0, 1)", betas)
+    if not all(_finite(b) and 0 <= b < 1 for b in betas): raise bad_value("TrainConfig.adam_betas", "two numbers in [0, 1)", betas)
+    need("grad_clip", float, lambda v: _finite(v) and v > 0, "a number > 0", none_ok=True)
+    check_choice("TrainConfig.b_dec_init", cfg.b_dec_init, B_DEC_INITS)
+    check_choice("TrainConfig.cross_sample_penalty", cfg.cross_sample_penalty, (None, *CROSS_SAMPLE_PENALTIES))
+    need("cross_sample_coefficient", float, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+    need("device", str, _device_ok, "'auto' or a torch device string such as 'cpu' or 'cuda:0'")
+    check_choice("TrainConfig.autocast", cfg.autocast, AUTOCAST_CHOICES)
     for name in ("checkpoint_dir", "history_path"):
-        v = getattr(cfg, name)
-        if v is not None and not isinstance(v, (str, os.PathLike)): bad(name, "a path or None")
+        need(name, (str, os.PathLike), lambda v: True, "a path", none_ok=True)
     for name in ("progress", "retain_cpu_memory", "normalise", "stop_when_converged"):
-        if not isinstance(getattr(cfg, name), bool): bad(name, "a bool")
+        need(name, bool, lambda v: True, "a bool")
     return cfg
 
 
+def _device_ok(device: str) -> bool:
+    if device == "auto": return True
+    try: torch.device(device)
+    except (RuntimeError, ValueError): return False
+    return True
+
+
+def _stand_in_d_sae(cfg: TrainConfig) -> int:
+    "A d_sae no check of the SAE fields fails on while d_in and d_sae are unknown: Matryoshka's last prefix if given, else `UNKNOWN_WIDTH`."
+    prefixes = cfg.sae_kwargs.get("matryoshka_prefixes") if isinstance(cfg.sae_kwargs, dict) else None
+    if cfg.variant == "matryoshka" and isinstance(prefixes, (tuple, list)) and prefixes and _kind_ok(prefixes[-1], int):
+        return max(1, prefixes[-1])
+    return UNKNOWN_WIDTH
+
+
 def resolve_config(cfg: TrainConfig, source) -> TrainConfig:
-    "`cfg` validated, with `d_in` taken from the source (its `d_in`, or a tensor's width) when None, `d_sae` = 8 d_in when None, and k = `target_l0` for the TopK family."
+    "`cfg` validated, with `d_in` taken from the source (its `d_in`, or a tensor's width) when None, and `d_sae` and the TopK family's k as `sae_config` sets them (8 d_in; k = `target_l0`)."
     validate_config(cfg)
     d_src = source.shape[-1] if isinstance(source, Tensor) and source.ndim else getattr(source, "d_in", None)
     if cfg.d_in is None and d_src is None:
@@ -166,10 +228,9 @@ def resolve_config(cfg: TrainConfig, source) -> TrainConfig:
     if cfg.d_in is not None and d_src is not None and d_src != cfg.d_in:
         raise ValueError(f"source: expected d_in={cfg.d_in} (TrainConfig.d_in), got a source with d_in={d_src}")
     d_in = cfg.d_in if cfg.d_in is not None else int(d_src)
-    cfg = dataclasses.replace(cfg, d_in=d_in, d_sae=cfg.d_sae if cfg.d_sae is not None else 8 * d_in)
-    if cfg.target_l0 is not None and VARIANTS[cfg.variant].uses_k:
-        cfg = dataclasses.replace(cfg, k=int(cfg.target_l0))   # the TopK family: the target is k
-    return validate_config(cfg)  # k and target_l0 <= d_sae now that d_sae is known
+    sae_cfg = cfg.sae_config(d_in)
+    k = sae_cfg.k if VARIANTS[cfg.variant].uses_k else cfg.k
+    return validate_config(dataclasses.replace(cfg, d_in=d_in, d_sae=sae_cfg.d_sae, k=k))
 
 # %% ../nbs/04_train.ipynb #4f78b007
 def ramp(step: int, n: int) -> float:
@@ -358,15 +419,19 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES))
 
 
-def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(sae: SAE,
+                   lr: float,                               # the peak learning rate
+                   betas: tuple[float, float] = (0.9, 0.999),  # Adam's beta1 and beta2
+                   threshold_lr_scale: float = 1.0,         # JumpReLU's log-thresholds train at this times `lr`
+                  ) -> torch.optim.Adam:
     "Adam on the SAE's parameters (JumpReLU's log-thresholds at `threshold_lr_scale` times the lr); PyTorch's fused kernel where it has one."
     named = list(sae.named_parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                 for _, p in named)
     groups = [{"params": [p for name, p in named if name != "log_threshold"]}]
     thresholds = [p for name, p in named if name == "log_threshold"]
-    if thresholds: groups.append({"params": thresholds, "lr": cfg.lr * cfg.threshold_lr_scale})
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+    if thresholds: groups.append({"params": thresholds, "lr": lr * threshold_lr_scale})
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 
 @torch.no_grad()
@@ -388,15 +453,17 @@ class StepResult(NamedTuple):
     grad_norm: Tensor  # 0-d, the gradient norm before clipping
 
 
-def train_step(model,           # a `TrainingLoss` (or DDP around one)
+def train_step(model,           # a `TrainingLoss` (or DDP around one); any callable (x, dead_mask, sparsity_scale,
+                                #   cross_scale) -> (loss, terms, fired) with the SAE as `.sae`
                opt, sched,      # the optimiser and its lr scheduler
-               x: Tensor,       # [batch, d_in] float32 rows on the SAE's device
-               dead_mask: Tensor,        # bool [d_sae]: the latents counted dead (AuxK)
+               x: Tensor,       # [batch, d_in] float32 rows on the SAE's device (what `model` takes)
+               dead_mask: Tensor | None,  # bool [d_sae]: the latents counted dead (AuxK); None: none
                sparsity_scale: float = 1.0,  # multiplies the sparsity coefficient (warm-up and L0 steering)
                grad_clip: float | None = None,  # max gradient norm (None: no clipping)
                autocast=nullcontext(),   # the autocast context of the forward
                step: int = 0,            # the step's number, for error messages
                cross_scale: float | None = None,  # multiplies the cross-sample penalty (default: sparsity_scale)
+               name: str = "train",      # who is training, for error messages
               ) -> StepResult:
     "One optimiser step of `train`: loss, backward, decoder-gradient projection, clipping, finiteness check, Adam, lr schedule, decoder renormalisation."
     sae = model.module.sae if isinstance(model, DDP) else model.sae
@@ -409,8 +476,9 @@ def train_step(model,           # a `TrainingLoss` (or DDP around one)
     grad_norm = nn.utils.get_total_norm([p.grad for p in params])
     if grad_clip: nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)   # no pass over the grads without a clip
     if not torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all():
-        raise FloatingPointError(f"train: non-finite loss or gradient at step {step + 1} (loss {loss.item()}, "
-                                 f"grad norm {grad_norm.item()}); stopped, the last checkpoint (if any) is kept")
+        raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step + 1} (loss {loss.item()}, "
+                                 f"grad norm {grad_norm.item()}); stopped before the optimiser step, the last "
+                                 f"checkpoint (if any) is kept")
     opt.step()
     sched.step()
     sae.set_decoder_norm_to_unit_norm()                    # no-op unless the variant keeps unit-norm rows
@@ -419,13 +487,38 @@ def train_step(model,           # a `TrainingLoss` (or DDP around one)
 
 @torch.no_grad()
 def count_firing(tokens_since_fired: Tensor,  # [d_sae] int64, updated in place
-                 window_fired: Tensor,        # [d_sae] int64, updated in place
+                 window_fired: Tensor | None,  # [d_sae] int64, updated in place (None: no window kept)
                  fired: Tensor,               # [d_sae] firings of each latent in this batch
                  n_tokens: int,               # rows of this batch
                 ):
     "Advance the dead-latent clock by `n_tokens`, reset it where a latent fired, and add the firings to the window."
     tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
-    window_fired.add_(fired)
+    if window_fired is not None: window_fired.add_(fired)
+
+
+class Run(NamedTuple):
+    "The objects a training run steps: what `build_run` returns."
+    sae: SAE                    # in training mode, on the device
+    opt: torch.optim.Adam       # `make_optimizer` with the config's lr, betas and threshold lr scale
+    schedule: LRSchedule        # the lr factor; its final decay can start early
+    sched: torch.optim.lr_scheduler.LambdaLR  # steps `opt`'s lr along `schedule` (its state_dict carries the schedule's end)
+    loss: TrainingLoss          # the loss `train_step` calls
+    tokens_since_fired: Tensor  # [d_sae] int64, per latent (dead: >= dead_tokens_threshold)
+    window_fired: Tensor        # [d_sae] int64, firings since the last log (dense latents)
+
+
+def build_run(cfg: TrainConfig,   # a resolved config
+              act_scale: float,   # the run's training scale (`training_scale`)
+              device,             # where the SAE and the counters live
+             ) -> Run:
+    "The SAE (`cfg.sae_config`), Adam, the lr schedule, the loss and the firing counters of one run of `cfg`, as `train` builds them."
+    sae = SAE(cfg.sae_config(act_scale=act_scale)).to(device)
+    sae.train()
+    opt = make_optimizer(sae, cfg.lr, cfg.adam_betas, cfg.threshold_lr_scale)
+    schedule = LRSchedule(cfg.total_tokens // cfg.batch_size, cfg.lr_warmup_steps, cfg.lr_decay)
+    counters = [torch.zeros(cfg.d_sae, dtype=torch.long, device=device) for _ in range(2)]
+    return Run(sae, opt, schedule, torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+               TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient), *counters)
 
 
 RESUME_FREE_FIELDS = ("checkpoint_dir", "checkpoint_every", "log_every", "history_path", "progress", "device", "autocast",
@@ -512,7 +605,7 @@ def training_scale(cfg: TrainConfig,  # a resolved config
     mean_sq = first.double().pow(2).sum(-1).mean().item()
     if not mean_sq > 0:
         raise ValueError("source: the first batch is all zeros, so it has no scale; pass normalise=False or set act_scale")
-    return math.sqrt(cfg.d_in / mean_sq)
+    return act_scale_from_mean_sq_norm(mean_sq, cfg.d_in)
 
 
 def _check_held_out(x, d_in: int) -> Tensor | None:
@@ -576,21 +669,12 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         if first is None: raise ValueError("source: yielded no batch; nothing to train on")
         act_scale = training_scale(cfg, source, first)
 
-    # -- the SAE, the optimiser, the schedule, the counters
-    sae_fields = ("k", "l1_coefficient", "l0_coefficient", "bandwidth", "aux_k", "aux_coefficient")
-    sae_kw = {f: getattr(cfg, f) for f in sae_fields if getattr(cfg, f) is not None}
-    sae = make_sae(cfg.variant, d_in=cfg.d_in, d_sae=cfg.d_sae, seed=cfg.seed,
-                   **{**sae_kw, **cfg.sae_kwargs, "act_scale": act_scale}).to(device)
-    sae.train()
+    # -- the SAE (built from cfg.sae_config), the optimiser, the schedule, the loss, the counters
+    sae, opt, schedule, sched, loss_module, tokens_since_fired, window_fired = build_run(cfg, act_scale, device)
     coefficient = sae.variant.coefficient                     # the steered field (relu, gated: l1; jumprelu: l0)
     steered = cfg.target_l0 is not None and coefficient is not None
     base_coefficient = getattr(sae.cfg, coefficient) if coefficient else 0.0
     total_steps = cfg.total_tokens // cfg.batch_size
-    opt = make_optimizer(sae, cfg)
-    schedule = LRSchedule(total_steps, cfg.lr_warmup_steps, cfg.lr_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # its state_dict carries the schedule's end
-    tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # per latent
-    window_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)        # firings since the last log
     step, window_tokens, history, evals, done = 0, 0, [], [], False
     steer_integral = log_steer = math.log(cfg.l0_steer_start) if steered else 0.0   # the controller; log of its factor
     steer_mean = log_steer                                    # its running mean over about 1/g steps: the held value
@@ -632,7 +716,6 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     if master and cfg.history_path is not None:   # the history file restarts from the checkpoint's history
         Path(cfg.history_path).write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    loss_module = TrainingLoss(sae, cfg.cross_sample_penalty, cfg.cross_sample_coefficient)
     model = DDP(loss_module, device_ids=[torch.device(device).index] if device_type == "cuda" else None) if ddp else loss_module
     bar = tqdm(total=schedule.end, initial=step, disable=not (cfg.progress and master), desc=f"train {cfg.variant}")
     while step < schedule.end:

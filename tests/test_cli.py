@@ -101,7 +101,7 @@ def test_train_help_lists_every_field(capsys, monkeypatch):
             assert f.name in text.split("Not options:")[1], f.name
             continue
         line = lines[f"--{f.name.replace('_', '-')}"] if f.type != "bool" else lines[f"--{f.name.replace('_', '-')},"]
-        assert comments[f.name] in line and "(default: " in line, (f.name, line)
+        assert comments[f.name] and comments[f.name] in line and "(default: " in line, (f.name, line)   # every field commented
     assert "--tokens" in lines["--total-tokens"] and "--l0" in lines["--target-l0"] and "--l1" in lines["--l1-coefficient"]
 
 
@@ -126,6 +126,26 @@ def test_train_sets_fields_without_a_flag_before(report, tmp_path):
     assert lrs != pytest.approx([3e-3 * lr_factor(s, steps, 0, 0.2) for s in range(steps)])   # not the default 20%
 
 
+def test_d_sae_default_comment_help_and_code_agree(report, tmp_path, capsys, monkeypatch):
+    "TrainConfig.d_sae None is DEFAULT_D_SAE_FACTOR x d_in, as its comment says; `sae-nb train` without --d-sae takes the sweep's width."
+    from sae_nb.train import DEFAULT_D_SAE_FACTOR
+    comments, _ = field_comments(TrainConfig)
+    assert f"None: {DEFAULT_D_SAE_FACTOR} * d_in" in comments["d_sae"]
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--d-sae"))
+    assert f"default: {sae_nb.sweep.D_SAE_FACTOR} x d_in" in help_line and f"none: {DEFAULT_D_SAE_FACTOR} x d_in" in help_line
+    widths = {}
+    for name, extra in (("absent", []), ("none", ["--d-sae", "none"])):
+        out = tmp_path / name
+        assert main(["train", "--variant", "topk", "--k", "4", "--tokens", "512", "--batch-size", "256", *extra,
+                     "--cache", str(report / "activations"), "--out", str(out), "--no-progress"]) == 0
+        cfg = json.loads((out / "train_config.json").read_text())
+        widths[name] = cfg["d_sae"] / cfg["d_in"]
+    assert widths == {"absent": sae_nb.sweep.D_SAE_FACTOR, "none": DEFAULT_D_SAE_FACTOR}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sweep", "--variants", "relu,topkk"], "unknown variant"),
     (["sweep", "--hook", "blocks.7.hook_resid_post"], "hook_name"),
@@ -137,7 +157,11 @@ def test_train_sets_fields_without_a_flag_before(report, tmp_path):
     (["train", "--adam-betas", "0.9"], "argument --adam-betas: expected 2 arguments"),
     (["train", "--adam-betas", "0.9", "1.5"], "--adam-betas (TrainConfig.adam_betas): expected two numbers in [0, 1)"),
     (["train", "--sae-kwargs", "[1]"], "argument --sae-kwargs: expected a JSON object"),
-    (["train", "--sae-kwargs", '{"no_such_field": 1}'], "--sae-kwargs: unknown SAEConfig field(s) ['no_such_field']"),
+    (["train", "--sae-kwargs", '{"no_such_field": 1}'], "--sae-kwargs (TrainConfig.sae_kwargs): unknown SAEConfig field(s) ['no_such_field']"),
+    (["train", "--sae-kwargs", '{"threshold_init": -1}'], "--sae-kwargs (TrainConfig.sae_kwargs['threshold_init']): expected a finite number > 0"),
+    (["train", "--sae-kwargs", '{"k": 3}'], "--sae-kwargs (TrainConfig.sae_kwargs): ['k'] are TrainConfig fields"),
+    (["train", "--sae-kwargs", '{"hook_name": "x"}'], "come from --hook and --model"),
+    (["train", "--variant", "relu", "--aux-k", "0"], "--aux-k (TrainConfig.aux_k): expected an int >= 1"),
     (["train", "--variant", "topk", "--k", "4", "--l0", "8"], "give one of them"),
     (["sweep", "--seeds", "0"], "--seeds"),
     (["eval", "/no/such/sae"], "no saved SAE"),

@@ -50,18 +50,54 @@ def subprocess_env():
 
 # -- configuration and inputs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [
-    ("variant", "sparse"), ("d_sae", 0), ("k", -1), ("l1_coefficient", -1.0), ("total_tokens", 10),
-    ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("lr_decay", 1.5), ("adam_betas", (0.9, 1.0)),
-    ("grad_clip", 0.0), ("b_dec_init", "median"), ("dead_tokens_threshold", 0), ("cross_sample_penalty", "l2"),
-    ("cross_sample_coefficient", -1.0), ("device", "gpu7"), ("autocast", "float16"), ("checkpoint_every", 0),
-    ("log_every", 0), ("progress", "yes"), ("sparsity_warmup_steps", -1), ("sae_kwargs", None),
+@pytest.mark.parametrize("field, value, error", [
+    ("variant", "sparse", ValueError), ("d_sae", 0, ValueError), ("k", -1, ValueError), ("l1_coefficient", -1.0, ValueError),
+    ("total_tokens", 10, ValueError), ("batch_size", 0, ValueError), ("lr", 0.0, ValueError), ("lr", float("nan"), ValueError),
+    ("lr_decay", 1.5, ValueError), ("adam_betas", (0.9, 1.0), ValueError), ("grad_clip", 0.0, ValueError),
+    ("b_dec_init", "median", ValueError), ("dead_tokens_threshold", 0, ValueError), ("cross_sample_penalty", "l2", ValueError),
+    ("cross_sample_coefficient", -1.0, ValueError), ("device", "gpu7", ValueError), ("autocast", "float16", ValueError),
+    ("checkpoint_every", 0, ValueError), ("log_every", 0, ValueError), ("sparsity_warmup_steps", -1, ValueError),
+    ("seed", -1, ValueError), ("bandwidth", 0.0, ValueError), ("aux_k", 0, ValueError),
+    # a wrong type is a TypeError, whether TrainConfig checks the field or SAEConfig does
+    ("progress", "yes", TypeError), ("sae_kwargs", None, TypeError), ("lr", "0.1", TypeError), ("k", 2.0, TypeError),
+    ("d_sae", 32.0, TypeError), ("seed", 1.5, TypeError), ("l1_coefficient", "1", TypeError), ("batch_size", 64.0, TypeError),
+    ("adam_betas", 0.9, TypeError), ("grad_clip", True, TypeError), ("checkpoint_dir", 3, TypeError), ("aux_k", True, TypeError),
 ])
-def test_config_validation_names_the_field(field, value, tmp_path):
+def test_config_validation_names_the_field(field, value, error, tmp_path):
     cfg = dataclasses.replace(TrainConfig(**SMALL, checkpoint_dir=str(tmp_path / "ckpt")), **{field: value})
-    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+    with pytest.raises(error, match=rf"^TrainConfig\.{field}: expected"):
         train(cfg, toy())
     assert not (tmp_path / "ckpt").exists()  # nothing written before the check
+
+
+@pytest.mark.parametrize("sae_kwargs, error, match", [
+    ({"threshold_init": 0.0}, ValueError, r"^TrainConfig\.sae_kwargs\['threshold_init'\]: expected a finite number > 0"),
+    ({"threshold_momentum": "0.5"}, TypeError, r"^TrainConfig\.sae_kwargs\['threshold_momentum'\]: expected"),
+    ({"dtype": "int8"}, ValueError, r"^TrainConfig\.sae_kwargs\['dtype'\]"),
+    ({"no_such_field": 1}, ValueError, r"unknown SAEConfig field\(s\) \['no_such_field'\]"),
+    ({"k": 3}, ValueError, r"\['k'\] are TrainConfig fields"),
+    ({"seed": 3}, ValueError, r"\['seed'\] are TrainConfig fields"),
+])
+def test_sae_kwargs_are_checked_by_saeconfig(sae_kwargs, error, match):
+    with pytest.raises(error, match=match):
+        train(TrainConfig(**SMALL, total_tokens=640, sae_kwargs=sae_kwargs), toy())
+
+
+def test_sae_config_is_the_one_place_the_sae_config_is_built():
+    "The SAE `train` returns has the config `sae_config` builds (with the run's act_scale and a steered coefficient's end value)."
+    from sae_nb.sae import SAEConfig
+    cfg = TrainConfig(**{**SMALL, "variant": "relu"}, total_tokens=640, l1_coefficient=0.5, bandwidth=0.1,
+                      sae_kwargs={"hook_name": "blocks.0.hook_resid_post", "model_name": "toy", "threshold_momentum": 0.5})
+    sae_cfg = cfg.sae_config()
+    assert isinstance(sae_cfg, SAEConfig) and sae_cfg.l1_coefficient == 0.5 and sae_cfg.bandwidth == 0.1
+    assert (sae_cfg.hook_name, sae_cfg.model_name, sae_cfg.threshold_momentum, sae_cfg.seed) == ("blocks.0.hook_resid_post", "toy", 0.5, 0)
+    assert sae_cfg.aux_coefficient == SAEConfig("relu", 16, 32).aux_coefficient          # None: SAEConfig's default
+    result = train(cfg, toy())
+    assert dataclasses.asdict(result.sae.cfg) == dataclasses.asdict(cfg.sae_config(act_scale=result.sae.cfg.act_scale))
+    assert TrainConfig(variant="topk", target_l0=5).sae_config(16).k == 5                # the TopK family: the target is k
+    assert TrainConfig(variant="relu").sae_config(16).d_sae == train_module.DEFAULT_D_SAE_FACTOR * 16
+    with pytest.raises(ValueError, match="d_in"):
+        TrainConfig().sae_config()
 
 
 def test_k_larger_than_d_sae():
@@ -309,7 +345,7 @@ def test_fused_adam_step_matches_foreach_whatever_the_layouts(variant):
     for kind in ("fused", "foreach", "fused-resumed"):
         sae = make_sae(variant, d_in=16, d_sae=32, k=2, seed=0)
         opt = (torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas)) if kind == "foreach"
-               else make_optimizer(sae, cfg))
+               else make_optimizer(sae, cfg.lr, cfg.adam_betas))
         assert bool(opt.param_groups[0]["fused"]) == (kind != "foreach")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         model = TrainingLoss(sae, None, 0.0)
@@ -318,7 +354,7 @@ def test_fused_adam_step_matches_foreach_whatever_the_layouts(variant):
                 state = opt.state_dict()
                 for s in state["state"].values():
                     for k, v in s.items(): s[k] = v.contiguous()
-                opt = make_optimizer(sae, cfg); opt.load_state_dict(state); match_state_layout(opt)
+                opt = make_optimizer(sae, cfg.lr, cfg.adam_betas); opt.load_state_dict(state); match_state_layout(opt)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
             train_step(model, opt, sched, xb, dead)
         runs[kind] = sae.state_dict()
@@ -345,7 +381,7 @@ def test_retain_freed_memory_keeps_large_blocks_in_the_process():
 
 
 def test_retain_cpu_memory_is_checked_and_does_not_block_resume():
-    with pytest.raises(ValueError, match="retain_cpu_memory"):
+    with pytest.raises(TypeError, match="retain_cpu_memory"):
         train(TrainConfig(**SMALL, retain_cpu_memory="yes"), toy())
     assert "retain_cpu_memory" in train_module.RESUME_FREE_FIELDS
 
