@@ -230,45 +230,6 @@ class SAE(nn.Module):
         terms = {name: t.detach() for name, t in terms.items()}
         return TrainOutput(fidelity + sparsity + aux, self.denormalise(x_hat), latents, terms, fired)
 
-    def _takes_sparse_step(self, x: Tensor) -> bool:
-        "Whether `training_loss` tries the sparse step: a variant with `select`, `cfg.sparse_step`, training mode, x without grad."
-        return (self.cfg.sparse_step and self.variant.select is not None and self.training
-                and not x.requires_grad and x.dtype in (torch.float32, torch.float64))
-
-    def _sparse_terms(self, x: Tensor, dead_mask: Tensor | None):
-        "((x_hat, latents, fidelity parts, aux, fired, penalty), None) from the active pairs only (`sae_nb.sparse`), or (None, pre_acts) if the variant declines."
-        n, d_in = x.shape
-        with torch.no_grad():                       # the one dense product; its gradient flows through the pairs
-            x_c = x - self.b_dec
-            pre = x_c @ self.W_enc
-            pre += self.b_enc                       # the same numbers as `pre_acts(x)`, in one [n, d_sae] buffer
-            pat = self.variant.select(self, pre, self.training)
-            dead = dead_cols = None
-            if self.variant.uses_k and dead_mask is not None and bool(dead_mask.any()):   # AuxK: TopK family
-                dead_cols = dead_mask.to(pre.device).nonzero().squeeze(1)        # the m dead latents
-                k_aux = min(self.cfg.aux_k, dead_cols.numel())
-                if k_aux < sparse_mod.AUXK_BLOCK_DENSITY * dead_cols.numel():   # few kept per row: sparse pattern
-                    dead, dead_cols = dead_topk_pattern(pre, dead_mask.to(pre.device), self.cfg.aux_k)[1], None
-        if pat is None:                              # too dense: the dense formulas, on these pre-activations
-            return None, reuse_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec)
-        enc = lambda p: F.relu(gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, p))
-        if self.variant.sparse_values is None:
-            a, penalty, aux = enc(pat), None, None    # [nnz] active latents
-        else:
-            z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
-            a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
-        groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
-        x_hat, parts = nested_mses(x, self.b_dec, groups, pat.prefixes)   # x_hat, and its MSE per prefix group
-        aux = x.new_zeros(()) if aux is None else aux
-        if dead is not None:
-            aux = auxk_term(self, x, auxk_nmse(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
-        elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
-            e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
-            aux = auxk_term(self, x, auxk_nmse(x, x_hat, e_hat))
-        latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
-        return (x_hat, latents, parts, aux, fired, penalty), None
-
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
         "Rescale every decoder row to unit norm, in place (does nothing unless `unit_norm_decoder`)."
@@ -348,3 +309,47 @@ def geometric_median(x: Tensor,          # [n, d] points (leading dims are flatt
         if moved <= tol * (1 + y.norm()):
             break
     return y.to(dtype)
+
+# %% ../nbs/01_sae.ipynb #c551016f
+def _takes_sparse_step(self: SAE, x: Tensor) -> bool:
+    "Whether `training_loss` tries the sparse step: a variant with `select`, `cfg.sparse_step`, training mode, x without grad."
+    return (self.cfg.sparse_step and self.variant.select is not None and self.training
+            and not x.requires_grad and x.dtype in (torch.float32, torch.float64))
+
+
+def _sparse_terms(self: SAE, x: Tensor, dead_mask: Tensor | None):
+    "((x_hat, latents, fidelity parts, aux, fired, penalty), None) from the active pairs only (`sae_nb.sparse`), or (None, pre_acts) if the variant declines."
+    n, d_in = x.shape
+    with torch.no_grad():                       # the one dense product; its gradient flows through the pairs
+        x_c = x - self.b_dec
+        pre = x_c @ self.W_enc
+        pre += self.b_enc                       # the same numbers as `pre_acts(x)`, in one [n, d_sae] buffer
+        pat = self.variant.select(self, pre, self.training)
+        dead = dead_cols = None
+        if self.variant.uses_k and dead_mask is not None and bool(dead_mask.any()):   # AuxK: TopK family
+            dead_cols = dead_mask.to(pre.device).nonzero().squeeze(1)        # the m dead latents
+            k_aux = min(self.cfg.aux_k, dead_cols.numel())
+            if k_aux < sparse_mod.AUXK_BLOCK_DENSITY * dead_cols.numel():   # few kept per row: sparse pattern
+                dead, dead_cols = dead_topk_pattern(pre, dead_mask.to(pre.device), self.cfg.aux_k)[1], None
+    if pat is None:                              # too dense: the dense formulas, on these pre-activations
+        return None, reuse_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec)
+    enc = lambda p: F.relu(gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, p))
+    if self.variant.sparse_values is None:
+        a, penalty, aux = enc(pat), None, None    # [nnz] active latents
+    else:
+        z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
+        a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
+    groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
+    x_hat, parts = nested_mses(x, self.b_dec, groups, pat.prefixes)   # x_hat, and its MSE per prefix group
+    aux = x.new_zeros(()) if aux is None else aux
+    if dead is not None:
+        aux = auxk_term(self, x, auxk_nmse(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
+    elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
+        e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
+        aux = auxk_term(self, x, auxk_nmse(x, x_hat, e_hat))
+    latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
+    fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
+    return (x_hat, latents, parts, aux, fired, penalty), None
+
+
+SAE._takes_sparse_step, SAE._sparse_terms = _takes_sparse_step, _sparse_terms   # methods of SAE, defined here

@@ -5,8 +5,6 @@
 # %% ../nbs/04_train.ipynb #1b2e478f
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import math
@@ -19,8 +17,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -28,17 +24,17 @@ from tqdm import tqdm
 from .losses import CROSS_SAMPLE_PENALTIES
 from .metrics import DENSE_THRESHOLD, VERY_DENSE_THRESHOLD
 from .data import act_scale_from_mean_sq_norm
-from .utils import atomic_write, bad_type, bad_value, check_choice, eval_mode, flatten_rows, resolve_device
+from .utils import bad_type, bad_value, check_choice, eval_mode, flatten_rows, resolve_device
 from .sae import SAE, VARIANTS, SAEConfig
 from .variants import init_jumprelu_thresholds
+from .runtime import CHECKPOINT_FILE, BatchStream, load_checkpoint, retain_freed_memory, save_checkpoint
 
 # %% auto #0
-__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'DEFAULT_D_SAE_FACTOR', 'UNKNOWN_WIDTH', 'SAE_FIELDS', 'CHECKPOINT_FILE',
-           'RETAINED_HEAP_BYTES', 'RESUME_FREE_FIELDS', 'STEER_DAMPING', 'STEER_TOLERANCE', 'STEER_HOLD_LR',
-           'JUMPRELU_INIT_DENSITY', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp', 'lr_factor',
-           'LRSchedule', 'BatchStream', 'save_checkpoint', 'load_checkpoint', 'TrainResult', 'TrainingLoss',
-           'retain_freed_memory', 'make_optimizer', 'match_state_layout', 'StepResult', 'train_step', 'count_firing',
-           'Run', 'build_run', 'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
+__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'DEFAULT_D_SAE_FACTOR', 'UNKNOWN_WIDTH', 'SAE_FIELDS', 'RESUME_FREE_FIELDS',
+           'STEER_DAMPING', 'STEER_TOLERANCE', 'STEER_HOLD_LR', 'JUMPRELU_INIT_DENSITY', 'TrainConfig',
+           'validate_config', 'resolve_config', 'ramp', 'lr_factor', 'LRSchedule', 'TrainResult', 'TrainingLoss',
+           'make_optimizer', 'match_state_layout', 'StepResult', 'train_step', 'count_firing', 'Run', 'build_run',
+           'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
@@ -267,115 +263,6 @@ class LRSchedule:
         return lr_factor(step, self.end, self.warmup_steps, self.decay)
 
 
-# %% ../nbs/04_train.ipynb #91c2ce55
-class BatchStream:
-    "Global batches of exactly `batch_size` rows from a ToyFeatures, an ActivationStore, a tensor or an iterable; resumable."
-    def __init__(self, source, batch_size: int, d_in: int):
-        if not (isinstance(source, Tensor) or callable(getattr(source, "batches", None)) or hasattr(source, "__iter__")):
-            raise TypeError(f"source: expected ToyFeatures, ActivationStore, a tensor or an iterable of [batch, d_in] "
-                            f"tensors, got {type(source).__name__}")
-        self.source, self.batch_size, self.d_in = source, batch_size, d_in
-        self.stateful = callable(getattr(source, "state_dict", None)) and callable(getattr(source, "load_state_dict", None))
-        self.consumed = 0             # source batches pulled so far
-        self.pending = torch.empty(0, d_in)  # rows pulled but not used yet
-        self._it = None
-
-    def _iter(self):
-        s = self.source
-        if isinstance(s, Tensor): return iter(flatten_rows(s).split(self.batch_size))
-        return iter(s.batches(self.batch_size) if callable(getattr(s, "batches", None)) else s)
-
-    def _pull(self) -> Tensor:
-        x = next(self._it)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"source: expected batches that are torch.Tensors, got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[-1] != self.d_in:
-            raise ValueError(f"source: expected batches of shape [batch, {self.d_in}] (d_in={self.d_in}), "
-                             f"got shape {tuple(x.shape)}")
-        self.consumed += 1
-        return x.reshape(-1, self.d_in)
-
-    def __iter__(self): return self
-
-    def __next__(self) -> Tensor:
-        "The next [batch_size, d_in] batch; StopIteration when the source runs out."
-        if self._it is None: self._it = self._iter()
-        if len(self.pending) == 0:
-            x = self._pull()
-            if len(x) == self.batch_size: return x   # the common case: no copy
-            self.pending = x
-        chunks, n = [self.pending], len(self.pending)
-        while n < self.batch_size:
-            chunks.append(self._pull()); n += len(chunks[-1])
-        rows = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-        self.pending = rows[self.batch_size:]
-        return rows[:self.batch_size]
-
-    def state_dict(self) -> dict:
-        "What continues the stream: the source's state (or the batches consumed) and the pending rows."
-        return {"source": self.source.state_dict() if self.stateful else None,
-                "consumed": self.consumed, "pending": self.pending.clone()}
-
-    def load_state_dict(self, state: dict):
-        "Continue from `state`: restore the source's state, or re-iterate it and skip the batches consumed."
-        if self.stateful:
-            self.source.load_state_dict(state["source"])
-            self._it = self._iter()
-        else:
-            self._it = self._iter()
-            for _ in range(state["consumed"]): next(self._it)
-        self.consumed, self.pending = state["consumed"], state["pending"]
-
-# %% ../nbs/04_train.ipynb #2d08a39a
-CHECKPOINT_FILE = "checkpoint.safetensors"
-
-
-def _split_tensors(obj, prefix: str, tensors: dict):
-    "`obj` as JSON-able data, each tensor moved into `tensors` and replaced by {'__tensor__': name}."
-    if isinstance(obj, Tensor):
-        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: _split_tensors(v, f"{prefix}/{k}", tensors) for k, v in obj.items()}
-        return {"__items__": [[k, _split_tensors(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return [_split_tensors(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
-    return obj
-
-
-def _join_tensors(obj, tensors: dict):
-    "Inverse of `_split_tensors`."
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}: return tensors[obj["__tensor__"]]
-        if set(obj) == {"__items__"}: return {k: _join_tensors(v, tensors) for k, v in obj["__items__"]}
-        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list): return [_join_tensors(v, tensors) for v in obj]
-    return obj
-
-
-def save_checkpoint(directory,       # the checkpoint directory (created if missing)
-                    state: dict,     # nested dicts/lists of JSON values and tensors
-                   ) -> Path:
-    "Write `state` to `directory/checkpoint.safetensors` atomically (`sae_nb.utils.atomic_write`: temp file, fsync, os.replace)."
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob(f".{CHECKPOINT_FILE}.*.tmp"): old.unlink(missing_ok=True)   # left by a crash
-    tensors = {}
-    meta = json.dumps(_split_tensors(state, "", tensors), default=str)
-    data = safetensors_bytes(tensors, metadata={"state": meta})
-    return atomic_write(directory / CHECKPOINT_FILE, lambda tmp: tmp.write_bytes(data))
-
-
-def load_checkpoint(directory) -> dict | None:
-    "The state saved by `save_checkpoint` in `directory`, or None if there is no checkpoint."
-    path = Path(directory) / CHECKPOINT_FILE
-    if not path.is_file(): return None
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _join_tensors(json.loads(meta["state"]), tensors)
-
 # %% ../nbs/04_train.ipynb #02feaab5
 @dataclass
 class TrainResult:
@@ -404,19 +291,6 @@ class TrainingLoss(nn.Module):
             cross = self.coefficient * scale * self.penalty(out.latents)
             loss, terms["cross_sample"] = loss + cross, cross.detach()
         return loss, terms, out.fired
-
-
-RETAINED_HEAP_BYTES = 2**30   # M_TRIM_THRESHOLD: free heap glibc keeps instead of trimming; 1 GiB holds a dense step's 64 MB temporaries
-
-
-def retain_freed_memory() -> bool:
-    "Opt-in (`TrainConfig.retain_cpu_memory`): tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming). Process-wide and irreversible; False where libc has no `mallopt`."
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # the option numbers of glibc's <malloc.h>
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES))
 
 
 def make_optimizer(sae: SAE,
@@ -738,7 +612,10 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
         step += 1
 
         # -- dead and dense latents, counted over the global batch; the L0 controller
-        if ddp: dist.all_reduce(fired)                         # fired: [d_sae] firings of each latent in this shard
+        if ddp:
+            dist.all_reduce(fired)                             # fired: [d_sae] firings of each latent in this shard
+            for b in sae.buffers():                            # running statistics (BatchTopK's threshold): their mean
+                dist.all_reduce(b); b /= world
         count_firing(tokens_since_fired, window_fired, fired, cfg.batch_size)
         window_tokens += cfg.batch_size
         l0_batch = fired.sum().item() / cfg.batch_size

@@ -22,13 +22,10 @@ if TYPE_CHECKING:  # only type hints: sae_nb.sae imports this module to build an
     from sae_nb.sae import SAE, SAEConfig
 
 # %% auto #0
-__all__ = ['VARIANTS', 'Variant', 'nested_mses', 'relu_activation', 'decoder_weighted_l1', 'relu_select', 'relu_sparse_values',
-           'topk_activation', 'auxk_term', 'topk_aux', 'topk_select', 'batchtopk_extras', 'update_threshold',
-           'batchtopk_activation', 'batchtopk_select', 'jumprelu_extras', 'init_jumprelu_thresholds',
-           'jumprelu_activation', 'jumprelu_l0', 'jumprelu_fused', 'jumprelu_select', 'jumprelu_sparse_values',
-           'gated_extras', 'gated_magnitude', 'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn',
-           'gated_gate_terms', 'gated_fused', 'gated_select', 'gated_sparse_values', 'matryoshka_mse',
-           'matryoshka_select']
+__all__ = ['VARIANTS', 'Variant', 'nested_mses', 'relu_activation', 'decoder_weighted_l1', 'topk_activation', 'auxk_term',
+           'topk_aux', 'batchtopk_extras', 'update_threshold', 'batchtopk_activation', 'jumprelu_extras',
+           'init_jumprelu_thresholds', 'jumprelu_activation', 'jumprelu_l0', 'gated_extras', 'gated_magnitude',
+           'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn', 'gated_gate_terms', 'matryoshka_mse']
 
 # %% ../nbs/01d_variants.ipynb #9f79d703
 class Variant(NamedTuple):
@@ -76,19 +73,19 @@ def decoder_weighted_l1(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return l1_from_sums(latents.sum(0), sae.W_dec, latents.shape[0])   # latents >= 0: their sums are the s_i
 
 
-def relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+def _relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
     "The sparse step's active pairs: the positive pre-activations, once few enough (else None: the dense step)."
     return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
 
 
-def relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+def _relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from their sums per latent."
     a = F.relu(z)
     return a, l1_from_sums(col_sums(a.to(sae.W_dec.dtype), pat), sae.W_dec, pat.n_rows), None   # summed in fp32
 
 
 VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False,
-                           select=relu_select, sparse_values=relu_sparse_values)
+                           select=_relu_select, sparse_values=_relu_sparse_values)
 
 # %% ../nbs/01d_variants.ipynb #4222d5a2
 def topk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
@@ -109,13 +106,13 @@ def topk_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Tens
     return auxk_term(sae, x, auxk_loss(x, x_hat, pre_acts, sae.W_dec, dead_mask, sae.cfg.aux_k))
 
 
-def topk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
+def _topk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
     "The sparse step's active pairs: the k largest pre-activations of each row."
     return topk_pattern(pre_acts, sae.cfg.k)[1]
 
 
 VARIANTS["topk"] = Variant(topk_activation, None, None, unit_norm_decoder=True, uses_k=True, aux=topk_aux,
-                           select=topk_select)
+                           select=_topk_select)
 
 # %% ../nbs/01d_variants.ipynb #609dd311
 def batchtopk_extras(cfg: SAEConfig, dtype) -> dict:
@@ -150,7 +147,7 @@ def batchtopk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Te
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_acts)
 
 
-def batchtopk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
+def _batchtopk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
     "The sparse step's active pairs: the k * batch largest pre-activations of the batch (and the threshold update)."
     vals, pat = batch_topk_pattern(pre_acts, sae.cfg.k * pre_acts.shape[0])
     if update:
@@ -159,7 +156,7 @@ def batchtopk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> Active
 
 
 VARIANTS["batchtopk"] = Variant(batchtopk_activation, None, None, unit_norm_decoder=True, uses_k=True,
-                                aux=topk_aux, extras=batchtopk_extras, select=batchtopk_select)
+                                aux=topk_aux, extras=batchtopk_extras, select=_batchtopk_select)
 
 # %% ../nbs/01d_variants.ipynb #f39ecee9
 def jumprelu_extras(cfg: SAEConfig, dtype) -> dict:
@@ -190,26 +187,26 @@ def jumprelu_l0(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return step(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
 
 
-def jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
+def _jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     "Training terms in one node: (latents, L0, no aux)."
     latents, l0_value = JumpReLUL0Fn.apply(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth)
     return latents, l0_value, None
 
 
-def jumprelu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+def _jumprelu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
     "The sparse step's pairs: z > theta - eps/2 (the latents that fire, and the kernel window below them), or None."
     theta = sae.log_threshold.detach().exp()
     return pattern_above(pre_acts, theta - sae.cfg.bandwidth / 2, sparse_mod.SPARSE_MAX_DENSITY)
 
 
-def jumprelu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+def _jumprelu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     "JumpReLU and L0 of the pre-activations at the pattern (zero below the threshold), with both estimators."
     return *JumpReLUL0Fn.apply(z, sae.log_threshold.exp()[pat.col], sae.cfg.bandwidth, pat.n_rows), None
 
 
 VARIANTS["jumprelu"] = Variant(jumprelu_activation, jumprelu_l0, "l0_coefficient", unit_norm_decoder=True,
-                               extras=jumprelu_extras, fused=jumprelu_fused, select=jumprelu_select,
-                               sparse_values=jumprelu_sparse_values)
+                               extras=jumprelu_extras, fused=_jumprelu_fused, select=_jumprelu_select,
+                               sparse_values=_jumprelu_sparse_values)
 
 # %% ../nbs/01d_variants.ipynb #22b0122e
 def gated_extras(cfg: SAEConfig, dtype) -> dict:
@@ -276,18 +273,18 @@ def gated_gate_terms(sae: SAE, x: Tensor,
     return l1_from_sums(gate_sums, sae.W_dec.detach(), x.shape[0]), mse(gate_decoded + sae.b_dec.detach(), x)
 
 
-def gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
+def _gated_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
     "Training terms with one node for the activations: (latents, decoder-weighted L1 of ReLU(pi), aux)."
     latents, gate = GatedFn.apply(pre_acts, sae.b_enc, sae.r_mag, sae.b_mag)
     return latents, *gated_gate_terms(sae, x, gate.sum(0), gate @ sae.W_dec.detach())   # gate >= 0: no |.|
 
 
-def gated_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+def _gated_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
     "The sparse step's pairs: the open gates (pi > 0), once few enough (else None: the dense step)."
     return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
 
 
-def gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+def _gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     "Latents, decoder-weighted L1 of ReLU(pi) and the frozen-decoder aux term, from the open gates only."
     gate = F.relu(z)                                            # pi > 0 on the pattern: ReLU for its gradient at 0
     c = pat.col
@@ -297,8 +294,8 @@ def gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
 
 
 VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
-                            aux=gated_aux, extras=gated_extras, fused=gated_fused, select=gated_select,
-                            sparse_values=gated_sparse_values)
+                            aux=gated_aux, extras=gated_extras, fused=_gated_fused, select=_gated_select,
+                            sparse_values=_gated_sparse_values)
 
 # %% ../nbs/01d_variants.ipynb #6550b336
 def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:
@@ -308,11 +305,11 @@ def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:
     return nested_mses(x, sae.b_dec, parts, ms)[1]
 
 
-def matryoshka_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
+def _matryoshka_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
     "The BatchTopK active pairs, grouped by nested prefix so that one sparse decode gives every prefix's part."
-    return nest_pattern(batchtopk_select(sae, pre_acts, update), sae.cfg.matryoshka_prefixes)
+    return nest_pattern(_batchtopk_select(sae, pre_acts, update), sae.cfg.matryoshka_prefixes)
 
 
 VARIANTS["matryoshka"] = Variant(batchtopk_activation, None, None, unit_norm_decoder=True, uses_k=True,
                                  fidelity=matryoshka_mse, aux=topk_aux, extras=batchtopk_extras,
-                                 select=matryoshka_select)
+                                 select=_matryoshka_select)

@@ -114,8 +114,7 @@ def test_json_for_script_escapes():
 
 def test_logit_effect_shape_and_order(model):
     "One value per token, the direct path by hand, the lists sorted and labelled."
-    sae = make_sae("topk", d_in=128, d_sae=16, k=2, seed=0)
-    with torch.no_grad(): sae.cfg.act_scale = 2.0
+    sae = make_sae("topk", d_in=128, d_sae=16, k=2, seed=0, act_scale=2.0)
     eff = logit_effect(model, sae, 5, k=7)
     assert eff["values"].shape == (256,)
     d = sae.W_dec[5].detach() / 2.0

@@ -301,36 +301,95 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 # -- DDP -------------------------------------------------------------------------------------------------------
 
+# What a DDP run must equal: one process whose loss is the mean of the W shards' losses (`train` slices each global
+# batch into W contiguous shards). Losses that are means over rows then match a 1-process run over the whole batch;
+# batch-level terms (BatchTopK's and Matryoshka's top-k, AuxK's normalisation) are taken per shard, and the running
+# statistics (BatchTopK's threshold) are updated per shard and averaged over the ranks.
+DDP_RUNS = {   # name: TrainConfig fields beyond DDP_BASE
+    "topk": dict(variant="topk", dead_tokens_threshold=10**9),
+    "relu": dict(variant="relu", l1_coefficient=0.3, dead_tokens_threshold=10**9),
+    "topk-auxk": dict(variant="topk", dead_tokens_threshold=128),   # dead after 2 steps unfired: AuxK active
+    "batchtopk": dict(variant="batchtopk", dead_tokens_threshold=128),
+    "matryoshka": dict(variant="matryoshka", sae_kwargs={"matryoshka_prefixes": [8, 32]}, dead_tokens_threshold=10**9),
+}
+DDP_BASE = dict(d_in=16, d_sae=32, k=2, total_tokens=30 * 64, batch_size=64, lr=3e-3, progress=False, log_every=5)
+
 DDP_SCRIPT = textwrap.dedent("""
-    import os, sys, torch
+    import json, os, sys, torch
     torch.set_num_threads(1)
     from sae_nb.data import ToyFeatures
     from sae_nb.train import TrainConfig, train
-    for variant in ("topk", "relu"):
-        cfg = TrainConfig(variant=variant, d_in=16, d_sae=32, k=2, l1_coefficient=0.3, total_tokens=30 * 64,
-                          batch_size=64, lr=3e-3, dead_tokens_threshold=10**9, progress=False, log_every=5)
-        result = train(cfg, ToyFeatures(d_in=16, n_features=32, mean_active=2, seed=0))
-        if int(os.environ["RANK"]) == 0:
-            result.sae.save(os.path.join(sys.argv[1], variant))
+    runs, base = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    rank = int(os.environ["RANK"])
+    for name, fields in runs.items():
+        result = train(TrainConfig(**base, **fields), ToyFeatures(d_in=16, n_features=32, mean_active=2, seed=0))
+        out = os.path.join(sys.argv[1], name)
+        if rank == 0:
+            result.sae.save(out)
+            with open(out + ".history.json", "w") as f: json.dump(result.history, f)
+        torch.distributed.barrier()
+        if rank == 1: torch.save(dict(result.sae.named_buffers()), out + ".rank1_buffers.pt")
     torch.distributed.barrier()   # tear down together: a rank leaving early can abort in gloo's threads
     torch.distributed.destroy_process_group()
 """)
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    "torchrun with 2 gloo processes on the CPU trains the same SAE as 1 process with the same global batch (10 s)."
+class ShardMean(torch.nn.Module):
+    "What W DDP ranks compute, in one process: each shard's loss from the same SAE and buffers; the mean loss, the summed firings, the mean buffers."
+    def __init__(self, inner, world: int):
+        super().__init__()
+        self.inner, self.world = inner, world
+
+    @property
+    def sae(self): return self.inner.sae
+
+    def forward(self, x, dead_mask, sparsity_scale, cross_scale=None):
+        buffers = list(self.sae.buffers())
+        start, ends, outs = [b.clone() for b in buffers], [], []
+        for shard in x.chunk(self.world):
+            for b, s in zip(buffers, start): b.copy_(s)
+            outs.append(self.inner(shard, dead_mask, sparsity_scale, cross_scale))
+            ends.append([b.clone() for b in buffers])
+        for i, b in enumerate(buffers): b.copy_(sum(e[i] for e in ends) / self.world)
+        terms = {k: sum(o[1][k] for o in outs) / self.world for k in outs[0][1]}
+        return sum(o[0] for o in outs) / self.world, terms, sum(o[2] for o in outs)
+
+
+def test_ddp_two_processes_match_the_mean_of_their_shards(tmp_path, monkeypatch):
+    "torchrun with 2 gloo processes on the CPU trains the SAE that 1 process trains on the mean of the 2 shards' losses, for every kind of batch-level term (15 s)."
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=subprocess_env(), capture_output=True, timeout=180)
+                           str(script), str(tmp_path), json.dumps(DDP_RUNS), json.dumps(DDP_BASE)],
+                          env=subprocess_env(), capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    for variant in ("topk", "relu"):
-        cfg = TrainConfig(variant=variant, d_in=16, d_sae=32, k=2, l1_coefficient=0.3, total_tokens=30 * 64,
-                          batch_size=64, lr=3e-3, dead_tokens_threshold=10**9, progress=False, log_every=5)
-        single = train(cfg, toy()).sae.state_dict()
-        both = SAE.load(tmp_path / variant).state_dict()
-        for name in single:
-            torch.testing.assert_close(both[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
+    build_run = train_module.build_run
+    for name, fields in DDP_RUNS.items():
+        cfg = TrainConfig(**DDP_BASE, **fields)
+        both = SAE.load(tmp_path / name)
+        history = json.loads((tmp_path / f"{name}.history.json").read_text())
+        if name in ("topk", "relu"):   # per-row losses only: the 2-process run is the 1-process run on the whole batch
+            single = train(cfg, toy()).sae
+            for key, value in single.state_dict().items():
+                torch.testing.assert_close(both.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        def shard_mean_run(*args):
+            run = build_run(*args)
+            return run._replace(loss=ShardMean(run.loss, 2))
+        with monkeypatch.context() as m:
+            m.setattr(train_module, "build_run", shard_mean_run)
+            ref = train(cfg, toy())
+        for key, value in ref.sae.state_dict().items():
+            torch.testing.assert_close(both.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        for row, ref_row in zip(history, ref.history, strict=True):   # logged terms: averaged over the ranks
+            for key in ("loss", "fvu", "l0", "aux", "dead_fraction"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-4, abs=1e-6), (name, row["step"], key)
+        rank1 = torch.load(tmp_path / f"{name}.rank1_buffers.pt")
+        for key, value in rank1.items():   # the ranks end with the same running statistics
+            torch.testing.assert_close(value, both.state_dict()[key], rtol=0, atol=0, msg=f"{name} {key}")
+        if name == "topk-auxk": assert max(r["aux"] for r in history) > 0 and max(r["dead_fraction"] for r in history) > 0
+        if name in ("batchtopk", "matryoshka"):
+            assert both.threshold.item() > 0
+            assert all(r["l0"] <= cfg.k for r in history)   # each shard keeps at most (batch / 2) * k activations
 
 
 @pytest.mark.parametrize("variant", ["relu", "topk"])
