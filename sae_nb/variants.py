@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # only type hints: sae_nb.sae imports this module to build an
 __all__ = ['VARIANTS', 'Variant', 'nested_mses', 'relu_activation', 'decoder_weighted_l1', 'topk_activation', 'auxk_term',
            'topk_aux', 'batchtopk_extras', 'update_threshold', 'batchtopk_activation', 'jumprelu_extras',
            'init_jumprelu_thresholds', 'jumprelu_activation', 'jumprelu_l0', 'gated_extras', 'gated_magnitude',
-           'gated_activation', 'gated_l1', 'gated_aux', 'GatedFn', 'gated_gate_terms', 'matryoshka_mse']
+           'gated_activation', 'gated_l1', 'gated_aux', 'matryoshka_mse', 'GatedFn', 'gated_gate_terms']
 
 # %% ../nbs/01d_variants.ipynb #9f79d703
 class Variant(NamedTuple):
@@ -73,19 +73,7 @@ def decoder_weighted_l1(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return l1_from_sums(latents.sum(0), sae.W_dec, latents.shape[0])   # latents >= 0: their sums are the s_i
 
 
-def _relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
-    "The sparse step's active pairs: the positive pre-activations, once few enough (else None: the dense step)."
-    return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
-
-
-def _relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
-    "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from their sums per latent."
-    a = F.relu(z)
-    return a, l1_from_sums(col_sums(a.to(sae.W_dec.dtype), pat), sae.W_dec, pat.n_rows), None   # summed in fp32
-
-
-VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False,
-                           select=_relu_select, sparse_values=_relu_sparse_values)
+VARIANTS["relu"] = Variant(relu_activation, decoder_weighted_l1, "l1_coefficient", unit_norm_decoder=False)
 
 # %% ../nbs/01d_variants.ipynb #4222d5a2
 def topk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Tensor:
@@ -106,13 +94,7 @@ def topk_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Tens
     return auxk_term(sae, x, auxk_loss(x, x_hat, pre_acts, sae.W_dec, dead_mask, sae.cfg.aux_k))
 
 
-def _topk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
-    "The sparse step's active pairs: the k largest pre-activations of each row."
-    return topk_pattern(pre_acts, sae.cfg.k)[1]
-
-
-VARIANTS["topk"] = Variant(topk_activation, None, None, unit_norm_decoder=True, uses_k=True, aux=topk_aux,
-                           select=_topk_select)
+VARIANTS["topk"] = Variant(topk_activation, None, None, unit_norm_decoder=True, uses_k=True, aux=topk_aux)
 
 # %% ../nbs/01d_variants.ipynb #609dd311
 def batchtopk_extras(cfg: SAEConfig, dtype) -> dict:
@@ -147,16 +129,8 @@ def batchtopk_activation(sae: SAE, pre_acts: Tensor, update: bool = False) -> Te
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_acts)
 
 
-def _batchtopk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
-    "The sparse step's active pairs: the k * batch largest pre-activations of the batch (and the threshold update)."
-    vals, pat = batch_topk_pattern(pre_acts, sae.cfg.k * pre_acts.shape[0])
-    if update:
-        update_threshold(sae, F.relu(vals))
-    return pat
-
-
 VARIANTS["batchtopk"] = Variant(batchtopk_activation, None, None, unit_norm_decoder=True, uses_k=True,
-                                aux=topk_aux, extras=batchtopk_extras, select=_batchtopk_select)
+                                aux=topk_aux, extras=batchtopk_extras)
 
 # %% ../nbs/01d_variants.ipynb #f39ecee9
 def jumprelu_extras(cfg: SAEConfig, dtype) -> dict:
@@ -187,26 +161,8 @@ def jumprelu_l0(sae: SAE, pre_acts: Tensor, latents: Tensor) -> Tensor:
     return step(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth).sum(-1).mean()
 
 
-def _jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
-    "Training terms in one node: (latents, L0, no aux)."
-    latents, l0_value = JumpReLUL0Fn.apply(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth)
-    return latents, l0_value, None
-
-
-def _jumprelu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
-    "The sparse step's pairs: z > theta - eps/2 (the latents that fire, and the kernel window below them), or None."
-    theta = sae.log_threshold.detach().exp()
-    return pattern_above(pre_acts, theta - sae.cfg.bandwidth / 2, sparse_mod.SPARSE_MAX_DENSITY)
-
-
-def _jumprelu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
-    "JumpReLU and L0 of the pre-activations at the pattern (zero below the threshold), with both estimators."
-    return *JumpReLUL0Fn.apply(z, sae.log_threshold.exp()[pat.col], sae.cfg.bandwidth, pat.n_rows), None
-
-
 VARIANTS["jumprelu"] = Variant(jumprelu_activation, jumprelu_l0, "l0_coefficient", unit_norm_decoder=True,
-                               extras=jumprelu_extras, fused=_jumprelu_fused, select=_jumprelu_select,
-                               sparse_values=_jumprelu_sparse_values)
+                               extras=jumprelu_extras)
 
 # %% ../nbs/01d_variants.ipynb #22b0122e
 def gated_extras(cfg: SAEConfig, dtype) -> dict:
@@ -236,6 +192,62 @@ def gated_aux(sae: SAE, x: Tensor, x_hat: Tensor, pre_acts: Tensor, latents: Ten
     return mse(F.relu(pre_acts) @ sae.W_dec.detach() + sae.b_dec.detach(), x)
 
 
+VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
+                            aux=gated_aux, extras=gated_extras)
+
+# %% ../nbs/01d_variants.ipynb #6550b336
+def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:
+    "MSE of the reconstruction from each nested prefix of the dictionary, keyed `mse_prefix_<m>`."
+    ms = sae.cfg.matryoshka_prefixes
+    parts = (latents[:, s:m] @ sae.W_dec[s:m] for s, m in zip((0,) + ms[:-1], ms))   # group [s, m)'s share
+    return nested_mses(x, sae.b_dec, parts, ms)[1]
+
+
+VARIANTS["matryoshka"] = Variant(batchtopk_activation, None, None, unit_norm_decoder=True, uses_k=True,
+                                 fidelity=matryoshka_mse, aux=topk_aux, extras=batchtopk_extras)
+
+# %% ../nbs/01d_variants.ipynb #cd707797
+def _relu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+    "The sparse step's active pairs: the positive pre-activations, once few enough (else None: the dense step)."
+    return pattern_above(pre_acts, 0.0, sparse_mod.SPARSE_MAX_DENSITY)
+
+
+def _relu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+    "ReLU of the pre-activations at the pattern, and `decoder_weighted_l1` from their sums per latent."
+    a = F.relu(z)
+    return a, l1_from_sums(col_sums(a.to(sae.W_dec.dtype), pat), sae.W_dec, pat.n_rows), None   # summed in fp32
+
+# %% ../nbs/01d_variants.ipynb #b6f42be4
+def _topk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
+    "The sparse step's active pairs: the k largest pre-activations of each row."
+    return topk_pattern(pre_acts, sae.cfg.k)[1]
+
+# %% ../nbs/01d_variants.ipynb #3250fd6d
+def _batchtopk_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
+    "The sparse step's active pairs: the k * batch largest pre-activations of the batch (and the threshold update)."
+    vals, pat = batch_topk_pattern(pre_acts, sae.cfg.k * pre_acts.shape[0])
+    if update:
+        update_threshold(sae, F.relu(vals))
+    return pat
+
+# %% ../nbs/01d_variants.ipynb #8c7e19a9
+def _jumprelu_fused(sae: SAE, x: Tensor, pre_acts: Tensor):
+    "Training terms in one node: (latents, L0, no aux)."
+    latents, l0_value = JumpReLUL0Fn.apply(pre_acts, sae.log_threshold.exp(), sae.cfg.bandwidth)
+    return latents, l0_value, None
+
+
+def _jumprelu_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern | None:
+    "The sparse step's pairs: z > theta - eps/2 (the latents that fire, and the kernel window below them), or None."
+    theta = sae.log_threshold.detach().exp()
+    return pattern_above(pre_acts, theta - sae.cfg.bandwidth / 2, sparse_mod.SPARSE_MAX_DENSITY)
+
+
+def _jumprelu_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
+    "JumpReLU and L0 of the pre-activations at the pattern (zero below the threshold), with both estimators."
+    return *JumpReLUL0Fn.apply(z, sae.log_threshold.exp()[pat.col], sae.cfg.bandwidth, pat.n_rows), None
+
+# %% ../nbs/01d_variants.ipynb #3702a3dd
 class GatedFn(torch.autograd.Function):
     "(latents H(pi) ReLU((pi - b_enc) e^r_mag + b_mag), ReLU(pi)) of the gate pre-activations pi, in one node."
     @staticmethod
@@ -292,24 +304,17 @@ def _gated_sparse_values(sae: SAE, x: Tensor, z: Tensor, pat: ActivePattern):
     W = sae.W_dec.detach()
     return latents, *gated_gate_terms(sae, x, col_sums(gate.to(W.dtype), pat), decode_active(gate, W, pat))
 
-
-VARIANTS["gated"] = Variant(gated_activation, gated_l1, "l1_coefficient", unit_norm_decoder=False,
-                            aux=gated_aux, extras=gated_extras, fused=_gated_fused, select=_gated_select,
-                            sparse_values=_gated_sparse_values)
-
-# %% ../nbs/01d_variants.ipynb #6550b336
-def matryoshka_mse(sae: SAE, x: Tensor, latents: Tensor, x_hat: Tensor) -> dict:
-    "MSE of the reconstruction from each nested prefix of the dictionary, keyed `mse_prefix_<m>`."
-    ms = sae.cfg.matryoshka_prefixes
-    parts = (latents[:, s:m] @ sae.W_dec[s:m] for s, m in zip((0,) + ms[:-1], ms))   # group [s, m)'s share
-    return nested_mses(x, sae.b_dec, parts, ms)[1]
-
-
+# %% ../nbs/01d_variants.ipynb #ea4e6715
 def _matryoshka_select(sae: SAE, pre_acts: Tensor, update: bool = False) -> ActivePattern:
     "The BatchTopK active pairs, grouped by nested prefix so that one sparse decode gives every prefix's part."
     return nest_pattern(_batchtopk_select(sae, pre_acts, update), sae.cfg.matryoshka_prefixes)
 
-
-VARIANTS["matryoshka"] = Variant(batchtopk_activation, None, None, unit_norm_decoder=True, uses_k=True,
-                                 fidelity=matryoshka_mse, aux=topk_aux, extras=batchtopk_extras,
-                                 select=_matryoshka_select)
+# %% ../nbs/01d_variants.ipynb #96345e97
+VARIANTS["relu"] = VARIANTS["relu"]._replace(select=_relu_select, sparse_values=_relu_sparse_values)
+VARIANTS["topk"] = VARIANTS["topk"]._replace(select=_topk_select)
+VARIANTS["batchtopk"] = VARIANTS["batchtopk"]._replace(select=_batchtopk_select)
+VARIANTS["jumprelu"] = VARIANTS["jumprelu"]._replace(fused=_jumprelu_fused, select=_jumprelu_select,
+                                                     sparse_values=_jumprelu_sparse_values)
+VARIANTS["gated"] = VARIANTS["gated"]._replace(fused=_gated_fused, select=_gated_select,
+                                               sparse_values=_gated_sparse_values)
+VARIANTS["matryoshka"] = VARIANTS["matryoshka"]._replace(select=_matryoshka_select)
