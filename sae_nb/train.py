@@ -590,7 +590,9 @@ def train(cfg: TrainConfig,  # the run; `checkpoint_dir` makes it resumable
     if master and cfg.history_path is not None:   # the history file restarts from the checkpoint's history
         Path(cfg.history_path).write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    model = DDP(loss_module, device_ids=[torch.device(device).index] if device_type == "cuda" else None) if ddp else loss_module
+    model = (DDP(loss_module, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+                 broadcast_buffers=False)   # the ranks average the buffers after each step instead (below)
+             if ddp else loss_module)
     bar = tqdm(total=schedule.end, initial=step, disable=not (cfg.progress and master), desc=f"train {cfg.variant}")
     while step < schedule.end:
         x, first = (first, None) if first is not None else (next_batch(step), None)
