@@ -18,7 +18,7 @@ from .lm import check_hook_name, replace_activation
 from .losses import kl_div, mse
 from .sae import SAE, VARIANTS, make_sae
 from .train import DEFAULT_D_SAE_FACTOR, LRSchedule, count_firing, make_optimizer, train_step
-from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows, keep_modes
+from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, firing_counts, flatten_rows, keep_modes
 
 # %% auto #0
 __all__ = ['VARIANCE_FLOOR', 'KLLoss', 'kl_loss', 'FinetuneResult', 'KLObjective', 'kl_finetune', 'e2e_train']
@@ -109,7 +109,7 @@ class KLObjective:
         "(loss, terms, fired [d_sae]) of one batch of sequences; the sparsity coefficient stays the SAE's own (no warm-up, no steering)."
         out = kl_loss(self.sae, self.model, self.hook_name, tokens, self.mse_coefficient, dead_mask=dead_mask,
                       kl_coefficient=self.kl_coefficient)
-        return out.loss, out.terms, (out.latents != 0).sum(0)
+        return out.loss, out.terms, firing_counts(out.latents)
 
 
 def _run_kl_training(sae, model, hook_name, tokens, steps, lr, mse_coefficient, batch_seqs, lr_decay, grad_clip,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import mse, l0, l1, l2, l2_ratio, kl_div, ce_loss_recovered
-from .utils import bad_type, bad_value, check_int, eval_mode, flatten_rows
+from .utils import bad_type, bad_value, check_int, eval_mode, firing_counts, flatten_rows
 
 # %% ../nbs/05_metrics.ipynb #c7bf6b2d
 DENSE_THRESHOLD = 0.1       # a latent firing on more than this fraction of tokens is "dense"
@@ -69,7 +69,7 @@ class MetricAccumulator:
         if n_r:
             self.sums["l2_ratio"] = self.sums.get("l2_ratio", 0.0) + l2_ratio(x_hat, x).double() * n_r
             self.n_ratio += n_r
-        self.fire_counts += (a != 0).sum(0)
+        self.fire_counts += firing_counts(a)
         return self
 
     def frequency(self) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import auxk_nmse, fvu, mse
-from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, flatten_rows
+from .utils import bad_type, bad_value, check_bool, check_choice, check_int, check_number, firing_counts, flatten_rows
 import sae_nb.sparse as sparse_mod
 from .sparse import (dead_block_decode, dead_topk_pattern, decode_active, encoder_pre_acts, gather_pre_acts,
                            reuse_pre_acts, scatter_active)
@@ -98,7 +98,7 @@ class TrainOutput(NamedTuple):
     "What `SAE.training_loss` returns: the loss to backpropagate and its parts."
     loss: Tensor     # 0-d, = terms['fidelity'] + terms['sparsity'] + terms['aux']
     x_hat: Tensor    # [n, d_in] reconstruction of the flattened rows
-    latents: Tensor  # [n, d_sae] latents of the flattened rows
+    latents: Tensor | None  # [n, d_sae] latents of the flattened rows (None from `training_loss(keep_latents=False)`)
     terms: dict      # name -> detached 0-d tensor: mse, fvu, l0, fidelity, sparsity, aux (+ mse_prefix_<m>)
     fired: Tensor | None = None  # [d_sae] int64: rows on which each latent is non-zero (the trainer's counters)
 
@@ -192,6 +192,8 @@ class SAE(nn.Module):
                       x: Tensor,                     # [..., d_in] activations (model units); leading dims are flattened to rows
                       dead_mask: Tensor | None = None,  # bool [d_sae]: latents the trainer counts as dead (AuxK)
                       sparsity_scale: float = 1.0,   # >= 0: multiplies the sparsity coefficient (warm-up, L0 steering)
+                      keep_latents: bool = True,     # False: the output's latents are None (the trainer, which needs only
+                                                     #   `fired`: the sparse step then frees its [n, d_sae] buffer early)
                      ) -> TrainOutput:
         "The loss this SAE's variant trains on: fidelity + sparsity + auxiliary terms, on the flattened rows in training units."
         x = self.normalise(self._check_input(x, self.cfg.d_in, finite=True).reshape(-1, self.cfg.d_in))
@@ -202,7 +204,7 @@ class SAE(nn.Module):
         sparsity_scale = check_number("sparsity_scale", sparsity_scale, lo=0)
         v, zero = self.variant, x.new_zeros(())
         # the sparse step, or None with the pre-activations it computed when the variant finds them too dense
-        sparse, pre = self._sparse_terms(x, dead_mask) if self._takes_sparse_step(x) else (None, None)
+        sparse, pre = self._sparse_terms(x, dead_mask, keep_latents) if self._takes_sparse_step(x) else (None, None)
         if sparse is not None:
             x_hat, latents, parts, aux, fired, penalty = sparse
             l0_value = fired.sum().to(x.dtype) / x.shape[0]
@@ -222,13 +224,13 @@ class SAE(nn.Module):
                 sparsity = getattr(self.cfg, v.coefficient) * sparsity_scale * penalty
             if fused: aux = zero if fused_aux is None else fused_aux
             else: aux = v.aux(self, x, x_hat, pre, latents, dead_mask) if v.aux else zero
-            fired = (latents != 0).sum(0)
+            fired = firing_counts(latents)            # [d_sae] int64, a block of rows at a time
             l0_value = fired.sum().to(x.dtype) / x.shape[0]   # = l0(latents), from the per-latent counts
         fidelity = torch.stack(list(parts.values())).sum()   # one MSE, or Matryoshka's sum over its prefixes
         terms = {"mse": parts["mse"] if "mse" in parts else mse(x_hat, x), "fvu": fvu(x_hat, x), "l0": l0_value,
                  "fidelity": fidelity, "sparsity": sparsity, "aux": aux, **parts}
         terms = {name: t.detach() for name, t in terms.items()}
-        return TrainOutput(fidelity + sparsity + aux, self.denormalise(x_hat), latents, terms, fired)
+        return TrainOutput(fidelity + sparsity + aux, self.denormalise(x_hat), latents if keep_latents else None, terms, fired)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
@@ -317,8 +319,8 @@ def _takes_sparse_step(self: SAE, x: Tensor) -> bool:
             and not x.requires_grad and x.dtype in (torch.float32, torch.float64))
 
 
-def _sparse_terms(self: SAE, x: Tensor, dead_mask: Tensor | None):
-    "((x_hat, latents, fidelity parts, aux, fired, penalty), None) from the active pairs only (`sae_nb.sparse`), or (None, pre_acts) if the variant declines."
+def _sparse_terms(self: SAE, x: Tensor, dead_mask: Tensor | None, keep_latents: bool = True):
+    "((x_hat, latents, fidelity parts, aux, fired, penalty), None) from the active pairs only (`sae_nb.sparse`), or (None, pre_acts) if the variant declines; latents None unless `keep_latents`."
     n, d_in = x.shape
     with torch.no_grad():                       # the one dense product; its gradient flows through the pairs
         x_c = x - self.b_dec
@@ -339,15 +341,20 @@ def _sparse_terms(self: SAE, x: Tensor, dead_mask: Tensor | None):
     else:
         z = gather_pre_acts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, pat)
         a, penalty, aux = self.variant.sparse_values(self, x, z, pat)
+    # the AuxK inputs read the pre-activations too, so they are taken now; then the [n, d_sae] buffer is either the
+    # dense latents (written over it) or freed before the decoder and the losses, whose blocks it would otherwise join
+    a_dead = enc(dead) if dead is not None else None
+    e_hat = (dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
+             if dead_cols is not None else None)  # most dead latents kept in every row: dense products on their block
+    latents = scatter_active(a, pre, pat) if keep_latents else None   # dense [n, d_sae], over the pre-activations
+    del pre, enc
     groups = decode_active(a, self.W_dec, pat).view(-1, n, d_in).unbind(0)  # one [n, d_in] part per prefix group
     x_hat, parts = nested_mses(x, self.b_dec, groups, pat.prefixes)   # x_hat, and its MSE per prefix group
     aux = x.new_zeros(()) if aux is None else aux
-    if dead is not None:
-        aux = auxk_term(self, x, auxk_nmse(x, x_hat, decode_active(enc(dead), self.W_dec, dead)))
-    elif dead_cols is not None:                  # most dead latents kept in every row: dense products on their block
-        e_hat = dead_block_decode(pre, x_c, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_cols, k_aux)
+    if a_dead is not None:
+        aux = auxk_term(self, x, auxk_nmse(x, x_hat, decode_active(a_dead, self.W_dec, dead)))
+    elif e_hat is not None:
         aux = auxk_term(self, x, auxk_nmse(x, x_hat, e_hat))
-    latents = scatter_active(a, pre, pat)        # dense [n, d_sae], written over the pre-activations
     fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=x.device).index_add_(0, pat.col, (a != 0).long())
     return (x_hat, latents, parts, aux, fired, penalty), None
 

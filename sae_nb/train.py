@@ -284,7 +284,8 @@ class TrainingLoss(nn.Module):
 
     def forward(self, x: Tensor, dead_mask: Tensor, sparsity_scale: float, cross_scale: float | None = None):
         "(loss, terms, fired); `cross_scale` (default `sparsity_scale`) multiplies the cross-sample penalty."
-        out = self.sae.training_loss(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+        out = self.sae.training_loss(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
+                                      keep_latents=self.penalty is not None)   # the penalty reads the latents
         loss, terms = out.loss, dict(out.terms)
         if self.penalty is not None:
             scale = sparsity_scale if cross_scale is None else cross_scale

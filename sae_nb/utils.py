@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['REPR_LIMIT', 'describe', 'bad_value', 'bad_type', 'check_int', 'check_number', 'check_bool', 'check_choice',
-           'fsync_dir', 'atomic_write', 'resolve_device', 'keep_modes', 'eval_mode', 'flatten_rows']
+__all__ = ['REPR_LIMIT', 'FIRING_COUNT_ROWS', 'describe', 'bad_value', 'bad_type', 'check_int', 'check_number', 'check_bool',
+           'check_choice', 'fsync_dir', 'atomic_write', 'resolve_device', 'keep_modes', 'eval_mode', 'flatten_rows',
+           'firing_counts']
 
 # %% ../nbs/20_utils.ipynb #b52d114c
 REPR_LIMIT = 80   # characters of a received value's repr shown in an error message (enough for a short list)
@@ -141,3 +142,17 @@ def eval_mode(*modules: nn.Module):
 def flatten_rows(t: Tensor) -> Tensor:
     "`t` [..., d] as rows [n, d], n the product of the leading dimensions."
     return t.reshape(-1, t.shape[-1])
+
+# %% ../nbs/20_utils.ipynb #d0e09c79
+FIRING_COUNT_ROWS = 256   # rows per block of `firing_counts`: a [256, d_sae] int64 block (48 MB at d_sae 24576)
+
+
+def firing_counts(a: Tensor,                   # [n, d] latents (any leading dims are flattened to rows)
+                  block: int = FIRING_COUNT_ROWS,  # rows summed at a time
+                 ) -> Tensor:
+    "[d] int64: the rows of `a` on which each column is non-zero, = `(a != 0).sum(0)`, summed a block of rows at a time."
+    a = flatten_rows(a)
+    counts = torch.zeros(a.shape[-1], dtype=torch.long, device=a.device)
+    for rows in a.split(block):
+        counts += (rows != 0).sum(0)
+    return counts

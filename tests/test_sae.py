@@ -285,6 +285,26 @@ def test_training_loss_finite_with_grads_everywhere(name):
         assert sae.training_loss(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).terms["aux"] == 0
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("sparse", [True, False])
+def test_keep_latents_false_changes_only_the_latents(name, sparse):
+    "The trainer's `keep_latents=False`: the same loss, terms, firing counts and gradients; no dense latents returned."
+    outs, grads = [], []
+    for keep in (True, False):
+        sae = build(name, sparse_step=sparse)
+        perturb(sae)
+        x, dead = toy_rows(128), torch.arange(D_SAE) >= D_SAE // 2
+        out = sae.training_loss(x, dead_mask=dead, keep_latents=keep)
+        out.loss.backward()
+        outs.append(out); grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    full, lean = outs
+    assert full.latents.shape == (128, D_SAE) and lean.latents is None
+    assert torch.equal(full.loss, lean.loss) and torch.equal(full.x_hat, lean.x_hat) and torch.equal(full.fired, lean.fired)
+    assert full.terms.keys() == lean.terms.keys() and all(torch.equal(full.terms[k], lean.terms[k]) for k in full.terms)
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert torch.equal(full.fired, (full.latents != 0).sum(0))
+
+
 @pytest.mark.parametrize("name", ["relu", "jumprelu", "gated"])
 def test_sparsity_scale_multiplies_penalty(name):
     sae = build(name)
