@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import harness
-from sae_nb.train import (SAE_FIELDS, TrainConfig, build_run, count_firing, ramp, resolve_config, retain_freed_memory,
+from sae_nb.train import (TrainConfig, build_run, count_firing, ramp, resolve_config, retain_freed_memory,
                           train_step, training_scale)
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +50,9 @@ BENCH_TRAIN_KWARGS = {"retain_cpu_memory": True, "normalise": False}
 def sae_nb_builder(variant: str, sae_kwargs: dict, train_kwargs: dict | None = None, sparsity: str = "init"):
     def build(shape, x, dead_mask, autocast):
         batch = shape["batch"]
-        own = {key: v for key, v in sae_kwargs.items() if key in SAE_FIELDS}      # TrainConfig's own SAE fields (k, ...)
-        cfg = resolve_config(TrainConfig(**{"variant": variant, "d_in": shape["d_in"], "d_sae": shape["d_sae"],
-                                            "k": shape["k"], **own}, batch_size=batch, total_tokens=1_000_000 * batch,
-                                         sae_kwargs={key: v for key, v in sae_kwargs.items() if key not in own},
-                                         progress=False, **{**BENCH_TRAIN_KWARGS, **(train_kwargs or {})}), x)
+        sae_fields = {"variant": variant, "d_in": shape["d_in"], "d_sae": shape["d_sae"], "k": shape["k"], **sae_kwargs}
+        cfg = resolve_config(TrainConfig(**sae_fields, batch_size=batch, total_tokens=1_000_000 * batch, progress=False,
+                                         **{**BENCH_TRAIN_KWARGS, **(train_kwargs or {})}), x)
         if x.device.type == "cpu" and cfg.retain_cpu_memory: retain_freed_memory()   # as train() does when opted in
         # train's own set-up: the training scale, then the SAE (cfg.sae_config), Adam, the schedule, the loss, the counters
         run = build_run(cfg, training_scale(cfg, x, x), x.device)

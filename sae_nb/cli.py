@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .sae import SAE, VARIANTS
+from .sae import SAE, VARIANTS, SAEConfig
 from .sweep import (D_SAE_FACTOR, DEFAULT_HOOK, DEFAULT_L0_TARGETS, FAST_DEFAULTS, LR_GRID, MAIN_VARIANTS, SWEEP_DEFAULTS,
                           check_sweep_options, resolve_device, run_sweep, summarise, sweep_tokens,
                           train_and_evaluate_config, write_report)
@@ -36,8 +36,19 @@ __all__ = ['TRAIN_SET_BY_CLI', 'TRAIN_ALIASES', 'TRAIN_DEFAULTS', 'TRAIN_EPILOG'
 
 # %% ../nbs/08b_cli.ipynb #7f9eb212
 def field_comments(cls) -> tuple[dict[str, str], dict[str, str | None]]:
-    "Each field's trailing `# comment` in the source of the dataclass `cls`, and the full-line comment (its section) above it."
-    names = {f.name for f in dataclasses.fields(cls)}
+    "Each field's trailing `# comment` in the source of the dataclass that declares it (`cls` or a base), and the full-line comment (its section) above it."
+    comments, sections = {}, {}
+    for base in reversed(cls.__mro__):               # a subclass's comment wins over its base's
+        if not dataclasses.is_dataclass(base): continue
+        source = base.__dict__.get("fields_declared_by", base)   # a generated base (SAEFields): the class it copies
+        c, s = _class_comments(source, {f.name for f in dataclasses.fields(base)})
+        if source is not base: s = dict.fromkeys(c, f"the SAE: {source.__name__}'s fields (none: {source.__name__}'s default)")
+        comments.update(c); sections.update(s)
+    return comments, sections
+
+
+def _class_comments(cls, names: set) -> tuple[dict, dict]:
+    "The trailing comment and the section of each field among `names` in the class body of `cls`."
     src = textwrap.dedent(inspect.getsource(cls))
     comments, sections, section, col, line, depth = {}, {}, None, None, [], 0
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
@@ -142,7 +153,8 @@ def config_kwargs(args: argparse.Namespace, names) -> dict:
     return {n: (None if v == [None] else tuple(v)) if isinstance(v, list) else v for n, v in kw.items()}
 
 # %% ../nbs/08b_cli.ipynb #d6ca5f0f
-TRAIN_SET_BY_CLI = {"d_in": "the width of the hook's activations (or of the --cache rows)"}   # TrainConfig fields without an option
+TRAIN_SET_BY_CLI = {"d_in": "the width of the hook's activations (or of the --cache rows)",   # TrainConfig fields without an option
+                    "hook_name": "--hook (or the cache's)", "model_name": "--model (or the cache's)"}
 TRAIN_ALIASES = {"total_tokens": ["--tokens"], "target_l0": ["--l0"], "l1_coefficient": ["--l1"]}  # the earlier short flags
 TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s default differs from TrainConfig's
     "d_sae": f"{D_SAE_FACTOR} x d_in, the sweep's width; none: {DEFAULT_D_SAE_FACTOR} x d_in",
@@ -152,9 +164,12 @@ TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s de
     "batch_size": f"{SWEEP_DEFAULTS['batch_size']}, at most total_tokens",
     "eval_every": str(SWEEP_DEFAULTS["eval_every"]),
     "dead_tokens_threshold": "min(total_tokens, 2**18)",
+    "act_scale": "none: from the activations when --normalise, else 1",
+    **{f.name: f"none: SAEConfig's {f.default!r}" for f in dataclasses.fields(SAEConfig)   # the SAE fields left to SAEConfig
+       if getattr(TrainConfig, f.name) is None and f.default not in (None, dataclasses.MISSING) and f.name != "act_scale"},
 }
 TRAIN_EPILOG = ("Not options: d_in (" + TRAIN_SET_BY_CLI["d_in"] + "); the SAE's provenance, hook_name and model_name, "
-                "which enter its config through sae_kwargs from --hook and --model (or the cache's). "
+                "which enter its config from --hook and --model (or the cache's). "
                 "--out DIR gets model.safetensors and config.json (the SAE), metrics.json and train_config.json (the whole TrainConfig).")
 
 
@@ -254,9 +269,9 @@ def load_activation_cache(cache_dir) -> tuple[torch.Tensor, dict]:
 
 
 def option_message(err: Exception) -> str:
-    "A `TrainConfig.<field>: ...` (or `TrainConfig.sae_kwargs['name']: ...`) message from `validate_config` with the field's option in front."
-    m = re.match(r"TrainConfig\.(\w+)(\[[^\]]*\])?: (.*)", str(err), re.S)
-    return f"--{m[1].replace('_', '-')} (TrainConfig.{m[1]}{m[2] or ''}): {m[3]}" if m else str(err)
+    "A `TrainConfig.<field>: ...` message from `validate_config` with the field's option in front."
+    m = re.match(r"TrainConfig\.(\w+): (.*)", str(err), re.S)
+    return f"--{m[1].replace('_', '-')} (TrainConfig.{m[1]}): {m[2]}" if m else str(err)
 
 
 def train_config_kwargs(args) -> dict:
@@ -278,9 +293,7 @@ def train_config_kwargs(args) -> dict:
     kw["batch_size"] = min(kw.get("batch_size", SWEEP_DEFAULTS["batch_size"]), kw["total_tokens"])
     kw.setdefault("eval_every", SWEEP_DEFAULTS["eval_every"])
     kw.setdefault("dead_tokens_threshold", min(kw["total_tokens"], 2**18))
-    reserved = sorted({"hook_name", "model_name"} & set(kw.get("sae_kwargs", {})))
-    if reserved: raise ValueError(f"--sae-kwargs: {reserved} come from --hook and --model (or the cache), not from sae_kwargs")
-    try: validate_config(TrainConfig(**kw))   # every value checked before any work (d_in still unknown); sae_kwargs by SAEConfig
+    try: validate_config(TrainConfig(**kw))   # every value checked before any work (d_in still unknown); the SAE's by SAEConfig
     except (TypeError, ValueError) as err: raise ValueError(option_message(err)) from None
     if kw.get("target_l0") is not None and spec.uses_k: kw["target_l0"] = int(kw["target_l0"])   # an integer: checked above
     kw["device"] = resolve_device(kw.get("device", "auto"))
@@ -314,7 +327,7 @@ def _train(args, parser) -> int:
         source = ActivationStore(model, hook, tokens, batch_size=kw["batch_size"], seed=seed, progress=progress)
     d_in = held_out.shape[-1]
     cfg = TrainConfig(**{**kw, "d_in": d_in, "d_sae": kw["d_sae"] if "d_sae" in kw else D_SAE_FACTOR * d_in,  # none: 8 d_in
-                         "sae_kwargs": {**kw.get("sae_kwargs", {}), "hook_name": hook, "model_name": model_name}})  # provenance
+                         "hook_name": hook, "model_name": model_name})  # provenance
     try: cfg = resolve_config(cfg, source)         # k or the L0 target within d_sae, now that d_sae is known
     except (TypeError, ValueError) as err: parser.error(option_message(err))
     if args.cache is not None:

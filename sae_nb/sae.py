@@ -72,7 +72,11 @@ class SAEConfig:
             raise bad_type("unit_norm_decoder", "a bool or None", self.unit_norm_decoder)
         check_int("seed", self.seed, lo=0, none_ok=True)
         check_bool("sparse_step", self.sparse_step)
-        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype) or not getattr(torch, self.dtype).is_floating_point:
+        for name in ("hook_name", "model_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad_type(name, "a str or None", getattr(self, name))
+        if not isinstance(self.dtype, str): raise bad_type("dtype", "a floating torch dtype name such as 'float32'", self.dtype)
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype) or not getattr(torch, self.dtype).is_floating_point:
             raise bad_value("dtype", "a floating torch dtype name such as 'float32'", self.dtype)
 
 
@@ -80,6 +84,7 @@ def _resolve_prefixes(prefixes, d_sae: int) -> tuple[int, ...]:
     "The Matryoshka prefix sizes: the default nesting, or `prefixes` checked (increasing, last = d_sae)."
     if prefixes is None:
         return tuple(sorted({m for m in (d_sae // 8, d_sae // 4, d_sae // 2, d_sae) if m > 0}))
+    if not isinstance(prefixes, (tuple, list)): raise bad_type("matryoshka_prefixes", "a tuple of ints or None", prefixes)
     prefixes = tuple(prefixes)
     for m in prefixes:
         check_int("matryoshka_prefixes", m, lo=1, hi=d_sae)

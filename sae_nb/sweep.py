@@ -123,7 +123,7 @@ def row_flags(row: dict) -> str:
     return "; ".join(flags)
 
 
-def train_and_evaluate_config(cfg: TrainConfig,   # the whole run, provenance (hook_name, model_name) in its sae_kwargs
+def train_and_evaluate_config(cfg: TrainConfig,   # the whole run, with its provenance (hook_name, model_name)
                               store: ActivationStore,  # training activations
                               model: nn.Module, hook_name: str,
                               eval_tokens: torch.Tensor,  # held-out tokens [n_seq, ctx] for the final metrics
@@ -151,12 +151,11 @@ def sweep_train_config(variant: str,           # SAE variant
                        seed: int = 0, device: str = "cpu", progress: bool = False,
                        hook_name: str | None = None,   # provenance: the hook the SAE reads ...
                        model_name: str | None = None,  # ... of this model; both go into the SAE's config at construction
-                       **train_kw,             # further TrainConfig fields (eval_every, dead_tokens_threshold, sae_kwargs, ...)
+                       **train_kw,             # further TrainConfig fields (eval_every, dead_tokens_threshold, threshold_init, ...)
                       ) -> TrainConfig:
-    "The TrainConfig of one sweep point: its target, width, budget and lr, the provenance in `sae_kwargs`, dead latents counted over at most 2**18 tokens."
-    sae_kwargs = {**train_kw.pop("sae_kwargs", {}), "hook_name": hook_name, "model_name": model_name}
+    "The TrainConfig of one sweep point: its target, width, budget, lr and provenance, dead latents counted over at most 2**18 tokens."
     return TrainConfig(variant=variant, target_l0=l0_target, d_sae=d_sae, total_tokens=total_tokens, batch_size=batch_size,
-                       lr=lr, seed=seed, device=device, progress=progress, sae_kwargs=sae_kwargs,
+                       lr=lr, seed=seed, device=device, progress=progress, hook_name=hook_name, model_name=model_name,
                        **{"dead_tokens_threshold": min(total_tokens, 2**18), **train_kw})
 
 
@@ -168,7 +167,7 @@ def train_and_evaluate(variant: str,            # SAE variant
                        d_sae: int, total_tokens: int, batch_size: int, lr: float,
                        held_out: torch.Tensor | None = None,  # [n, d_in] held-out activations: convergence and lr pick
                        seed: int = 0, device: str = "cpu", progress: bool = False, model_name: str | None = None,
-                       **train_kw,              # further TrainConfig fields (eval_every, dead_tokens_threshold, sae_kwargs, ...)
+                       **train_kw,              # further TrainConfig fields (eval_every, dead_tokens_threshold, threshold_init, ...)
                       ):
     "`train_and_evaluate_config` on the sweep's TrainConfig for one point: returns (sae, TrainResult, row)."
     cfg = sweep_train_config(variant, l0_target, d_sae, total_tokens, batch_size, lr, seed, device, progress,

@@ -30,11 +30,12 @@ from .variants import init_jumprelu_thresholds
 from .runtime import CHECKPOINT_FILE, BatchStream, load_checkpoint, retain_freed_memory, save_checkpoint
 
 # %% auto #0
-__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'DEFAULT_D_SAE_FACTOR', 'UNKNOWN_WIDTH', 'SAE_FIELDS', 'RESUME_FREE_FIELDS',
-           'STEER_DAMPING', 'STEER_TOLERANCE', 'STEER_HOLD_LR', 'JUMPRELU_INIT_DENSITY', 'TrainConfig',
-           'validate_config', 'resolve_config', 'ramp', 'lr_factor', 'LRSchedule', 'TrainResult', 'TrainingLoss',
-           'make_optimizer', 'match_state_layout', 'StepResult', 'train_step', 'count_firing', 'Run', 'build_run',
-           'steer', 'heldout_metrics', 'plateaued', 'training_scale', 'train']
+__all__ = ['AUTOCAST_CHOICES', 'B_DEC_INITS', 'DEFAULT_D_SAE_FACTOR', 'UNKNOWN_WIDTH', 'TRAIN_SAE_DEFAULTS', 'SAEFields',
+           'SAE_FIELDS', 'RESUME_FREE_FIELDS', 'STEER_DAMPING', 'STEER_TOLERANCE', 'STEER_HOLD_LR',
+           'JUMPRELU_INIT_DENSITY', 'optional_fields', 'TrainConfig', 'validate_config', 'resolve_config', 'ramp',
+           'lr_factor', 'LRSchedule', 'TrainResult', 'TrainingLoss', 'make_optimizer', 'match_state_layout',
+           'StepResult', 'train_step', 'count_firing', 'Run', 'build_run', 'steer', 'heldout_metrics', 'plateaued',
+           'training_scale', 'train']
 
 # %% ../nbs/04_train.ipynb #7b36b2f1
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")
@@ -43,20 +44,25 @@ DEFAULT_D_SAE_FACTOR = 8    # TrainConfig.d_sae = None: 8 * d_in latents
 UNKNOWN_WIDTH = 2**31       # the d_sae the SAE fields are checked against while neither d_sae nor d_in is known
 
 
+TRAIN_SAE_DEFAULTS = {"variant": "topk", "k": 8, "seed": 0}   # TrainConfig's own defaults for SAEConfig fields
+
+
+def optional_fields(cls, defaults: dict) -> list:
+    "The fields of the dataclass `cls` as `make_dataclass` specs, each optional: default `defaults[name]`, else None."
+    return [(f.name, f"{f.type} | None", field(default=defaults.get(f.name))) for f in dataclasses.fields(cls)]
+
+
+SAEFields = dataclasses.make_dataclass("SAEFields", optional_fields(SAEConfig, TRAIN_SAE_DEFAULTS))
+SAEFields.__module__ = __name__           # this module, where its annotations resolve
+SAEFields.__doc__ = "`SAEConfig`'s fields, each optional (None: SAEConfig's default): the SAE part of a `TrainConfig`."
+SAEFields.fields_declared_by = SAEConfig   # where their comments are (sae_nb.cli reads them for `sae-nb train --help`)
+SAE_FIELDS = tuple(f.name for f in dataclasses.fields(SAEConfig))
+
+
 @dataclass
-class TrainConfig:
-    "Everything `train` needs: the SAE, the optimiser and its schedules, dead-latent handling, logging, checkpoints."
-    # the SAE (fields a variant does not use are ignored; None: the SAEConfig default)
-    variant: str = "topk"                  # one of sae_nb.sae.VARIANTS
-    d_in: int | None = None                # input width; None: the source's `d_in`
-    d_sae: int | None = None               # number of latents; None: 8 * d_in
-    k: int | None = 8                      # TopK family: active latents per row
-    l1_coefficient: float | None = None    # relu, gated: weight of the L1 penalty
-    l0_coefficient: float | None = None    # jumprelu: weight of the L0 penalty
-    bandwidth: float | None = None         # jumprelu: width of the straight-through kernel
-    aux_k: int | None = None               # TopK family: latents in the AuxK reconstruction
-    aux_coefficient: float | None = None   # TopK family: weight of the AuxK loss
-    sae_kwargs: dict = field(default_factory=dict)  # any other SAEConfig field (threshold_init, act_scale, hook_name, model_name, ...)
+class TrainConfig(SAEFields):
+    "Everything `train` needs: the SAE (`SAEConfig`'s fields), the optimiser and its schedules, dead-latent handling, logging, checkpoints."
+    # the L0 target (the SAE's fields come first: SAEConfig's, from SAEFields; d_in None: the source's, d_sae None: 8 d_in)
     target_l0: float | None = None         # aim at this L0: k for the TopK family; relu, gated, jumprelu: the steered coefficient
     l0_steer_rate: float = 0.05            # steering gain g: each step, log(coefficient) += g * clip(log(L0 / target_l0), -1, 1)
     l0_steer_start: float = 0.1            # the steered coefficient starts at this times its configured value
@@ -82,7 +88,6 @@ class TrainConfig:
     cross_sample_penalty: str | None = None  # None or a key of sae_nb.losses.CROSS_SAMPLE_PENALTIES
     cross_sample_coefficient: float = 0.1  # its weight (warmed up with the sparsity coefficient)
     # where and how
-    seed: int = 0                          # seeds the SAE's initialisation
     device: str = "auto"                   # "auto": cuda if available, else cpu; or any torch device string
     autocast: str = "auto"                 # "auto": bfloat16 autocast on cuda, none on cpu; "bfloat16"; "off"
     # checkpoints and logs
@@ -95,23 +100,14 @@ class TrainConfig:
 
     def sae_config(self,
                    d_in=None,       # the width where `self.d_in` is None (the source's)
-                   act_scale=None,  # the run's training scale (None: `sae_kwargs['act_scale']`, else SAEConfig's 1)
+                   act_scale=None,  # the run's training scale (None: `self.act_scale`, else SAEConfig's 1)
                   ) -> SAEConfig:
-        "The SAE's `SAEConfig`: the SAE fields that are set, then `sae_kwargs`, checked by SAEConfig; an error names the TrainConfig field."
+        "The SAE's `SAEConfig`: the SAE fields that are set, with d_in, d_sae, k and act_scale resolved, checked by SAEConfig; an error names the TrainConfig field."
         return _sae_config(self, d_in, act_scale)
-
-
-SAE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name in {g.name for g in dataclasses.fields(SAEConfig)})
 
 
 def _sae_config(cfg: TrainConfig, d_in, act_scale) -> SAEConfig:
     "`TrainConfig.sae_config`: build the SAEConfig, renaming the field in an error of its checks to the TrainConfig field it came from."
-    kw = cfg.sae_kwargs
-    if not isinstance(kw, dict): raise bad_type("TrainConfig.sae_kwargs", "a dict of SAEConfig fields", kw)
-    known = {f.name for f in dataclasses.fields(SAEConfig)}
-    unknown, owned = sorted(set(kw) - known), sorted(set(kw) & set(SAE_FIELDS))
-    if unknown: raise ValueError(f"TrainConfig.sae_kwargs: unknown SAEConfig field(s) {unknown}; expected names from {sorted(known - set(SAE_FIELDS))}")
-    if owned: raise ValueError(f"TrainConfig.sae_kwargs: {owned} are TrainConfig fields; set them there, not in sae_kwargs")
     if cfg.d_in is not None and d_in is not None and d_in != cfg.d_in:
         raise ValueError(f"d_in: expected TrainConfig.d_in={cfg.d_in} or None, got {d_in}")
     d_in = cfg.d_in if cfg.d_in is not None else d_in
@@ -121,18 +117,14 @@ def _sae_config(cfg: TrainConfig, d_in, act_scale) -> SAEConfig:
     values = {name: getattr(cfg, name) for name in SAE_FIELDS}
     values.update(d_in=d_in, d_sae=cfg.d_sae if cfg.d_sae is not None else DEFAULT_D_SAE_FACTOR * d_in)
     if k_from_target: values["k"] = int(cfg.target_l0)                  # the TopK family: the L0 target is k
-    values = {name: v for name, v in values.items() if v is not None}   # None: SAEConfig's default
-    values.update(kw)
     if act_scale is not None: values["act_scale"] = act_scale
+    values = {name: v for name, v in values.items() if v is not None}   # None: SAEConfig's default
     try:
         return SAEConfig(**values)
     except (TypeError, ValueError) as err:
         name, sep, rest = str(err).partition(": ")
-        if not sep: raise
-        where = (f"sae_kwargs[{name!r}]" if name in kw else "target_l0" if name == "k" and k_from_target
-                 else name if name in SAE_FIELDS else None)
-        if where is None: raise
-        raise type(err)(f"TrainConfig.{where}: {rest}") from None
+        if not sep or name not in SAE_FIELDS: raise
+        raise type(err)(f"TrainConfig.{'target_l0' if name == 'k' and k_from_target else name}: {rest}") from None
 
 # %% ../nbs/04_train.ipynb #02e2defd
 def _kind_ok(v, kind) -> bool:
@@ -162,7 +154,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     spec = VARIANTS.get(cfg.variant)
     if cfg.target_l0 is not None and spec is not None and spec.uses_k and int(cfg.target_l0) != cfg.target_l0:
         raise bad_value("TrainConfig.target_l0", f"an integer for the {cfg.variant!r} variant (it becomes k)", cfg.target_l0)
-    # the SAE's fields and sae_kwargs: SAEConfig's own checks, on stand-in widths while the source's d_in is unknown
+    # the SAE's fields: SAEConfig's own checks, on stand-in widths while the source's d_in is unknown
     if cfg.d_in is not None: cfg.sae_config()
     else:
         try: dataclasses.replace(cfg, d_in=1, d_sae=cfg.d_sae if cfg.d_sae is not None else _stand_in_d_sae(cfg)).sae_config()
@@ -209,7 +201,7 @@ def _device_ok(device: str) -> bool:
 
 def _stand_in_d_sae(cfg: TrainConfig) -> int:
     "A d_sae no check of the SAE fields fails on while d_in and d_sae are unknown: Matryoshka's last prefix if given, else `UNKNOWN_WIDTH`."
-    prefixes = cfg.sae_kwargs.get("matryoshka_prefixes") if isinstance(cfg.sae_kwargs, dict) else None
+    prefixes = cfg.matryoshka_prefixes
     if cfg.variant == "matryoshka" and isinstance(prefixes, (tuple, list)) and prefixes and _kind_ok(prefixes[-1], int):
         return max(1, prefixes[-1])
     return UNKNOWN_WIDTH
@@ -471,8 +463,8 @@ def training_scale(cfg: TrainConfig,  # a resolved config
                    source,            # the training source (an ActivationStore knows its `act_scale`)
                    first: Tensor,     # [batch_size, d_in] the first global batch, model units
                   ) -> float:
-    "The run's act_scale: `sae_kwargs['act_scale']` if given; 1 if not `normalise`; else the source's `act_scale`, or sqrt(d_in / mean ||x||^2) of `first`."
-    if "act_scale" in cfg.sae_kwargs: return float(cfg.sae_kwargs["act_scale"])
+    "The run's act_scale: `cfg.act_scale` if set; 1 if not `normalise`; else the source's `act_scale`, or sqrt(d_in / mean ||x||^2) of `first`."
+    if cfg.act_scale is not None: return float(cfg.act_scale)
     if not cfg.normalise: return 1.0
     known = getattr(source, "act_scale", None)
     if isinstance(known, (int, float)) and not isinstance(known, bool) and math.isfinite(known) and known > 0:

@@ -106,18 +106,18 @@ def test_train_help_lists_every_field(capsys, monkeypatch):
 
 
 def test_train_sets_fields_without_a_flag_before(report, tmp_path):
-    "Fields `sae-nb train` did not reach before (lr_decay, adam_betas, converge_tol, log_every, history_path, sae_kwargs) take effect."
+    "Fields `sae-nb train` did not reach before (lr_decay, adam_betas, converge_tol, log_every, history_path, the SAE's threshold_momentum) take effect."
     out, history = tmp_path / "run", tmp_path / "history.jsonl"
     assert main(["train", "--variant", "topk", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--d-sae", "128",
                  "--lr-decay", "0.3", "--adam-betas", "0.8", "0.99", "--converge-tol", "0.05", "--log-every", "1",
                  "--no-stop-when-converged",
-                 "--history-path", str(history), "--sae-kwargs", '{"threshold_momentum": 0.5}',
+                 "--history-path", str(history), "--threshold-momentum", "0.5",
                  "--cache", str(report / "activations"), "--out", str(out), "--no-progress"]) == 0
     cfg = json.loads((out / "train_config.json").read_text())
     assert (cfg["lr_decay"], cfg["adam_betas"], cfg["converge_tol"], cfg["log_every"], cfg["stop_when_converged"]) == \
         (0.3, [0.8, 0.99], 0.05, 1, False)
     assert cfg["d_in"] > 0 and cfg["d_sae"] == 128 and cfg["k"] == 4 and cfg["progress"] is False
-    sae_cfg = json.loads((out / "config.json").read_text())      # sae_kwargs and provenance reach the SAE at construction
+    sae_cfg = json.loads((out / "config.json").read_text())      # SAE fields and provenance reach the SAE at construction
     assert sae_cfg["threshold_momentum"] == 0.5 and sae_cfg["hook_name"] == sae_nb.sweep.DEFAULT_HOOK
     lrs = [json.loads(line)["lr"] for line in history.read_text().splitlines()]
     steps = 4096 // 256
@@ -126,11 +126,30 @@ def test_train_sets_fields_without_a_flag_before(report, tmp_path):
     assert lrs != pytest.approx([3e-3 * lr_factor(s, steps, 0, 0.2) for s in range(steps)])   # not the default 20%
 
 
+def test_train_help_lists_every_saeconfig_field(capsys, monkeypatch):
+    "TrainConfig is built on SAEConfig: every SAEConfig field is a `sae-nb train` option with SAEConfig's comment, but d_in and the provenance."
+    from sae_nb.sae import SAEConfig
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    flags = {line.split()[0].rstrip(",") for line in out.splitlines() if line.strip().startswith("--")}
+    text = " ".join(out.split())                    # the help, its line breaks undone
+    sae_comments = field_comments(SAEConfig)[0]
+    for f in dataclasses.fields(SAEConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("d_in", "hook_name", "model_name"): assert flag not in flags, flag
+        else:
+            assert flag in flags, flag
+            after = text[text.index(flag + " "):]
+            assert sae_comments[f.name] in after[:60 + len(sae_comments[f.name])], flag   # its help: SAEConfig's comment
+
+
 def test_d_sae_default_comment_help_and_code_agree(report, tmp_path, capsys, monkeypatch):
-    "TrainConfig.d_sae None is DEFAULT_D_SAE_FACTOR x d_in, as its comment says; `sae-nb train` without --d-sae takes the sweep's width."
+    "TrainConfig.d_sae None is DEFAULT_D_SAE_FACTOR x d_in, as its comment and help say; `sae-nb train` without --d-sae takes the sweep's width."
     from sae_nb.train import DEFAULT_D_SAE_FACTOR
-    comments, _ = field_comments(TrainConfig)
-    assert f"None: {DEFAULT_D_SAE_FACTOR} * d_in" in comments["d_sae"]
+    _, sections = field_comments(TrainConfig)
+    assert f"d_sae None: {DEFAULT_D_SAE_FACTOR} d_in" in sections["target_l0"]   # TrainConfig's note on the SAE fields above
     monkeypatch.setenv("COLUMNS", "1000")
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -156,11 +175,10 @@ def test_d_sae_default_comment_help_and_code_agree(report, tmp_path, capsys, mon
     (["train", "--converge-tol", "abc"], "argument --converge-tol: expected a float, got 'abc'"),
     (["train", "--adam-betas", "0.9"], "argument --adam-betas: expected 2 arguments"),
     (["train", "--adam-betas", "0.9", "1.5"], "--adam-betas (TrainConfig.adam_betas): expected two numbers in [0, 1)"),
-    (["train", "--sae-kwargs", "[1]"], "argument --sae-kwargs: expected a JSON object"),
-    (["train", "--sae-kwargs", '{"no_such_field": 1}'], "--sae-kwargs (TrainConfig.sae_kwargs): unknown SAEConfig field(s) ['no_such_field']"),
-    (["train", "--sae-kwargs", '{"threshold_init": -1}'], "--sae-kwargs (TrainConfig.sae_kwargs['threshold_init']): expected a finite number > 0"),
-    (["train", "--sae-kwargs", '{"k": 3}'], "--sae-kwargs (TrainConfig.sae_kwargs): ['k'] are TrainConfig fields"),
-    (["train", "--sae-kwargs", '{"hook_name": "x"}'], "come from --hook and --model"),
+    (["train", "--threshold-init", "-1"], "--threshold-init (TrainConfig.threshold_init): expected a finite number > 0"),
+    (["train", "--variant", "matryoshka", "--d-sae", "64", "--matryoshka-prefixes", "8", "32"],
+     "--matryoshka-prefixes (TrainConfig.matryoshka_prefixes): expected strictly increasing sizes ending at d_sae=64"),
+    (["train", "--dtype", "int8"], "--dtype (TrainConfig.dtype): expected a floating torch dtype name"),
     (["train", "--variant", "relu", "--aux-k", "0"], "--aux-k (TrainConfig.aux_k): expected an int >= 1"),
     (["train", "--variant", "topk", "--k", "4", "--l0", "8"], "give one of them"),
     (["sweep", "--seeds", "0"], "--seeds"),

@@ -59,7 +59,7 @@ def subprocess_env():
     ("checkpoint_every", 0, ValueError), ("log_every", 0, ValueError), ("sparsity_warmup_steps", -1, ValueError),
     ("seed", -1, ValueError), ("bandwidth", 0.0, ValueError), ("aux_k", 0, ValueError),
     # a wrong type is a TypeError, whether TrainConfig checks the field or SAEConfig does
-    ("progress", "yes", TypeError), ("sae_kwargs", None, TypeError), ("lr", "0.1", TypeError), ("k", 2.0, TypeError),
+    ("progress", "yes", TypeError), ("hook_name", 3, TypeError), ("lr", "0.1", TypeError), ("k", 2.0, TypeError),
     ("d_sae", 32.0, TypeError), ("seed", 1.5, TypeError), ("l1_coefficient", "1", TypeError), ("batch_size", 64.0, TypeError),
     ("adam_betas", 0.9, TypeError), ("grad_clip", True, TypeError), ("checkpoint_dir", 3, TypeError), ("aux_k", True, TypeError),
 ])
@@ -70,24 +70,36 @@ def test_config_validation_names_the_field(field, value, error, tmp_path):
     assert not (tmp_path / "ckpt").exists()  # nothing written before the check
 
 
-@pytest.mark.parametrize("sae_kwargs, error, match", [
-    ({"threshold_init": 0.0}, ValueError, r"^TrainConfig\.sae_kwargs\['threshold_init'\]: expected a finite number > 0"),
-    ({"threshold_momentum": "0.5"}, TypeError, r"^TrainConfig\.sae_kwargs\['threshold_momentum'\]: expected"),
-    ({"dtype": "int8"}, ValueError, r"^TrainConfig\.sae_kwargs\['dtype'\]"),
-    ({"no_such_field": 1}, ValueError, r"unknown SAEConfig field\(s\) \['no_such_field'\]"),
-    ({"k": 3}, ValueError, r"\['k'\] are TrainConfig fields"),
-    ({"seed": 3}, ValueError, r"\['seed'\] are TrainConfig fields"),
+@pytest.mark.parametrize("fields, error, match", [
+    ({"threshold_init": 0.0}, ValueError, r"^TrainConfig\.threshold_init: expected a finite number > 0"),
+    ({"threshold_momentum": "0.5"}, TypeError, r"^TrainConfig\.threshold_momentum: expected"),
+    ({"dtype": "int8"}, ValueError, r"^TrainConfig\.dtype: expected"),
+    ({"dtype": 8}, TypeError, r"^TrainConfig\.dtype: expected"),
+    ({"variant": "matryoshka", "matryoshka_prefixes": 8}, TypeError, r"^TrainConfig\.matryoshka_prefixes: expected a tuple"),
+    ({"variant": "matryoshka", "matryoshka_prefixes": (8, 16)}, ValueError, r"^TrainConfig\.matryoshka_prefixes: expected strictly increasing"),
 ])
-def test_sae_kwargs_are_checked_by_saeconfig(sae_kwargs, error, match):
+def test_sae_fields_are_checked_by_saeconfig(fields, error, match):
+    "Every SAEConfig field is a TrainConfig field, checked by SAEConfig and named as the TrainConfig field."
     with pytest.raises(error, match=match):
-        train(TrainConfig(**SMALL, total_tokens=640, sae_kwargs=sae_kwargs), toy())
+        train(TrainConfig(**{**SMALL, **fields}, total_tokens=640), toy())
+
+
+def test_trainconfig_is_built_on_saeconfig():
+    "TrainConfig's SAE fields are SAEConfig's (declared once, there), in its order, with TrainConfig's defaults."
+    from sae_nb.sae import SAEConfig
+    from sae_nb.train import SAE_FIELDS, TRAIN_SAE_DEFAULTS
+    sae_names = [f.name for f in dataclasses.fields(SAEConfig)]
+    assert [f.name for f in dataclasses.fields(TrainConfig)][:len(sae_names)] == sae_names == list(SAE_FIELDS)
+    cfg = TrainConfig()
+    assert all(getattr(cfg, n) == TRAIN_SAE_DEFAULTS.get(n) for n in sae_names)   # None: SAEConfig's default
+    with pytest.raises(TypeError): TrainConfig(sae_kwargs={})                      # one way to set an SAE field
 
 
 def test_sae_config_is_the_one_place_the_sae_config_is_built():
     "The SAE `train` returns has the config `sae_config` builds (with the run's act_scale and a steered coefficient's end value)."
     from sae_nb.sae import SAEConfig
     cfg = TrainConfig(**{**SMALL, "variant": "relu"}, total_tokens=640, l1_coefficient=0.5, bandwidth=0.1,
-                      sae_kwargs={"hook_name": "blocks.0.hook_resid_post", "model_name": "toy", "threshold_momentum": 0.5})
+                      hook_name="blocks.0.hook_resid_post", model_name="toy", threshold_momentum=0.5)
     sae_cfg = cfg.sae_config()
     assert isinstance(sae_cfg, SAEConfig) and sae_cfg.l1_coefficient == 0.5 and sae_cfg.bandwidth == 0.1
     assert (sae_cfg.hook_name, sae_cfg.model_name, sae_cfg.threshold_momentum, sae_cfg.seed) == ("blocks.0.hook_resid_post", "toy", 0.5, 0)
@@ -310,7 +322,7 @@ DDP_RUNS = {   # name: TrainConfig fields beyond DDP_BASE
     "relu": dict(variant="relu", l1_coefficient=0.3, dead_tokens_threshold=10**9),
     "topk-auxk": dict(variant="topk", dead_tokens_threshold=128),   # dead after 2 steps unfired: AuxK active
     "batchtopk": dict(variant="batchtopk", dead_tokens_threshold=128),
-    "matryoshka": dict(variant="matryoshka", sae_kwargs={"matryoshka_prefixes": [8, 32]}, dead_tokens_threshold=10**9),
+    "matryoshka": dict(variant="matryoshka", matryoshka_prefixes=(8, 32), dead_tokens_threshold=10**9),
 }
 DDP_BASE = dict(d_in=16, d_sae=32, k=2, total_tokens=30 * 64, batch_size=64, lr=3e-3, progress=False, log_every=5)
 
@@ -460,7 +472,7 @@ def test_normalise_makes_the_run_scale_free_and_the_sae_reads_model_units():
     torch.testing.assert_close(b.sae(7 * rows).x_hat, 7 * a.sae(rows).x_hat, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(b.sae(7 * rows).latents, a.sae(rows).latents, rtol=1e-3, atol=1e-3)
     assert train(dataclasses.replace(cfg, normalise=False), rows).sae.cfg.act_scale == 1.0
-    assert train(dataclasses.replace(cfg, sae_kwargs={"act_scale": 3.0}), rows).sae.cfg.act_scale == 3.0
+    assert train(dataclasses.replace(cfg, act_scale=3.0), rows).sae.cfg.act_scale == 3.0
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
