@@ -1,5 +1,7 @@
-"""Smoke tests of the step benchmark in bench/: our side always, the peers' side when bench/.peers/venv exists."""
+"""Smoke tests of the step and store benchmarks in bench/: our side always, the peers' side when bench/.peers/venv exists
+(or the python named by BENCH_PEERS_PYTHON)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-PEERS_PYTHON = BENCH / ".peers" / "venv" / "bin" / "python"
+PEERS_PYTHON = Path(os.environ.get("BENCH_PEERS_PYTHON") or BENCH / ".peers" / "venv" / "bin" / "python")
 sys.path.insert(0, str(BENCH))
 
 
@@ -96,3 +98,45 @@ def test_peer_steps_quick():
     rates = json.loads(p.stdout.strip().splitlines()[-1])
     assert set(rates) == {f"saelens/{v}" for v in ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")} | {"sparsify/topk"}
     assert all(r > 0 for r in rates.values())
+
+
+STORE_STAGES = ("cache_write", "cached_read", "in_memory", "forward")
+
+
+def test_bench_store_quick_ours(tmp_path, monkeypatch):
+    "sae_nb's store caches, reads back shuffled and runs in memory; the table has a row per stage and per step (10-20 s)."
+    import tempfile
+    import bench_store
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))               # where the run's caches go
+    out = tmp_path / "store.json"
+    res = bench_store.main(["--quick", "--no-peers", "--in-process", "--variants", "topk", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["medians_tok_s"].keys() == {"sae_nb"}
+    assert all(saved["medians_tok_s"]["sae_nb"][s] > 0 for s in STORE_STAGES)
+    (r,) = saved["results"]
+    assert r["stages"]["cache_write"]["tokens"] == saved["meta"]["n_tokens"] == 192 * 128   # whole shards of 8192 rows
+    assert r["stages"]["cache_write"]["bytes_on_disk"] >= saved["meta"]["n_tokens"] * 128 * 4
+    assert saved["step_tok_s"]["topk"] > 0 and res["store_tok_s"] == saved["medians_tok_s"]["sae_nb"]["in_memory"]
+    table = saved["table"]
+    assert table.count("\n| ") == 1 + len(STORE_STAGES) + 1               # header, stages, one step
+    assert "SAELens not measured" in table and "-bound)" in table and "the data is" in table
+    assert not list(tmp_path.glob("bench_store_*"))                       # the caches went with the temporary directory
+
+
+@pytest.mark.skipif(not PEERS_PYTHON.exists(), reason="needs bench/.peers/venv (bash bench/setup_peers.sh) or BENCH_PEERS_PYTHON")
+def test_bench_store_quick_saelens(tmp_path):
+    "SAELens's side: its cache runner, cached and in-memory ActivationsStore on the default model rebuilt as a HookedTransformer, equal to sae_nb's at the hook (30-50 s: importing SAELens takes much of it)."
+    import bench_store
+    out = tmp_path / "store.json"
+    bench_store.main(["--quick", "--in-process", "--variants", "topk", "--peers-python", str(PEERS_PYTHON),
+                      "--out", str(out)])
+    saved = json.loads(out.read_text())
+    eq = saved["meta"]["equivalence"]
+    assert eq["max_abs_diff"] <= 1e-4 and eq["n_tokens"] == bench_store.N_CHECK_SEQ * 128
+    assert eq["logits_max_abs_diff"] <= 1e-3 * eq["max_abs_logit"]
+    theirs = saved["medians_tok_s"]["saelens"]
+    assert all(theirs[s] > 0 for s in STORE_STAGES)
+    (r,) = [r for r in saved["results"] if r["impl"] == "saelens"]
+    assert r["stages"]["cache_write"]["tokens"] == saved["meta"]["n_tokens"]   # SAELens cached every window, once
+    assert {"sae-lens", "peers transformer-lens"} <= saved["meta"]["versions"].keys()
+    assert "SAELens not measured" not in saved["table"] and saved["table"].count("x |") >= len(STORE_STAGES)
