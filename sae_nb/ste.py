@@ -75,13 +75,13 @@ class JumpReLUL0Fn(torch.autograd.Function):
         n = z[..., 0].numel() if n_rows is None else n_rows  # rows (given when z holds selected entries only)
         l0 = h.sum() / n
         latents = h.mul_(z)
-        ctx.save_for_backward(z, theta, latents)
+        ctx.save_for_backward(z, theta)
         ctx.bandwidth, ctx.n = bandwidth, n
         return latents, l0
 
     @staticmethod
     def backward(ctx, g_lat, g_l0):
-        z, theta, latents = ctx.saved_tensors
+        z, theta = ctx.saved_tensors
         eps, dims = ctx.bandwidth, tuple(range(z.ndim - theta.ndim))   # theta per entry: no reduction
         red = (lambda t: t.sum(dims)) if dims else (lambda t: t)
         k = (z - theta).abs_().lt_(eps / 2)                  # K((z - theta)/eps) as 0/1, one buffer
@@ -89,6 +89,8 @@ class JumpReLUL0Fn(torch.autograd.Function):
         if g_l0 is not None:
             g_theta = g_theta - (g_l0 / (eps * ctx.n)) * red(k)
         if g_lat is not None:
-            g_z = torch.sign(latents).mul_(g_lat)            # H(z - theta) g: f > 0 exactly where z > theta > 0
             g_theta = g_theta - (theta / eps) * red(k.mul_(g_lat))
+            # H(z - theta) g, written into k's buffer once its sums are taken (a new one where k is g_theta itself)
+            h = k if dims and k.dtype == z.dtype else torch.empty_like(z)
+            g_z = torch.sub(z, theta, out=h).sign_().clamp_(min=0).mul_(g_lat)
         return g_z, g_theta, None, None

@@ -347,6 +347,7 @@ def train_step(model,           # a `TrainingLoss` (or DDP around one); any call
                                  f"grad norm {grad_norm.item()}); stopped before the optimiser step, the last "
                                  f"checkpoint (if any) is kept")
     opt.step()
+    opt.zero_grad(set_to_none=True)                        # free the gradients now, so the next forward runs without them
     sched.step()
     sae.set_decoder_norm_to_unit_norm()                    # no-op unless the variant keeps unit-norm rows
     return StepResult(loss, terms, fired, grad_norm)
