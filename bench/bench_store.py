@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import harness
-from bench_step import HERE, PEERS_PYTHON, machine, sae_nb_builder
+from bench_step import HERE, PEERS_PYTHON, fmt, machine, ours_versions, sae_nb_builder
 from sae_nb.data import ActivationStore, hook_activations
 from sae_nb import lm
 
@@ -83,8 +83,8 @@ def time_pulls(store: ActivationStore, n_batches: int, open_s: float) -> dict:
     return {"seconds": seconds, "tokens": n, "tokens_per_s": n / seconds, "open_s": open_s, "first_batch_s": first_s}
 
 
-def ours_versions() -> dict:
-    return {"torch": torch.__version__, "sae_nb": version("sae_nb"), "transformer-lens": version("transformer-lens")}
+def store_versions() -> dict:
+    return {**ours_versions(), "transformer-lens": version("transformer-lens")}   # the model runs on TransformerLens
 
 
 # -- what both sides share -------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def sae_nb_worker(args, model=None) -> dict:
     sizes = plan(args, tokens.shape[1])
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    return {"impl": "sae_nb", "versions": ours_versions(), "stages": sae_nb_stages(model, tokens, args, sizes, work)}
+    return {"impl": "sae_nb", "versions": store_versions(), "stages": sae_nb_stages(model, tokens, args, sizes, work)}
 
 
 # -- running the workers ---------------------------------------------------------------------------------------
@@ -211,10 +211,6 @@ def medians(results: list[dict]) -> dict:
         for stage, m in r["stages"].items():
             by.setdefault(r["impl"], {}).setdefault(stage, []).append(m["tokens_per_s"])
     return {impl: {s: statistics.median(v) for s, v in st.items()} for impl, st in by.items()}
-
-
-def fmt(v, spec="{:,.0f}", none="–"):
-    return none if v is None else spec.format(v)
 
 
 def in_series(store: float, step: float) -> str:
@@ -347,7 +343,7 @@ def main(argv=None):
 
 def report(args, run: dict, results, equivalence, peer_versions, steps, shape, load_before, t_start) -> dict:
     "Print the markdown table and write the JSON: the settings, every worker's result, the medians, the table."
-    versions = ours_versions()
+    versions = store_versions()
     if peer_versions:
         versions.update({"sae-lens": peer_versions["sae-lens"], "peers transformer-lens": peer_versions["transformer-lens"],
                          "datasets": peer_versions["datasets"], "peers torch": peer_versions["torch"]})

@@ -157,6 +157,8 @@ TRAIN_SET_BY_CLI = {"d_in": "the width of the hook's activations (or of the --ca
                     "hook_name": "--hook (or the cache's)", "model_name": "--model (or the cache's)"}
 TRAIN_ALIASES = {"total_tokens": ["--tokens"], "target_l0": ["--l0"], "l1_coefficient": ["--l1"]}  # the earlier short flags
 TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s default differs from TrainConfig's
+    **{f.name: f"none: SAEConfig's {f.default!r}" for f in dataclasses.fields(SAEConfig)   # the SAE fields left to SAEConfig
+       if getattr(TrainConfig, f.name) is None and f.default not in (None, dataclasses.MISSING)},
     "d_sae": f"{D_SAE_FACTOR} x d_in, the sweep's width; none: {DEFAULT_D_SAE_FACTOR} x d_in",
     "k": "the L0 target (TopK family)",
     "target_l0": "16 when none of --k, --l1, --l0-coefficient, --target-l0 is given",
@@ -165,8 +167,6 @@ TRAIN_DEFAULTS = {                                   # where `sae-nb train`'s de
     "eval_every": str(SWEEP_DEFAULTS["eval_every"]),
     "dead_tokens_threshold": "min(total_tokens, 2**18)",
     "act_scale": "none: from the activations when --normalise, else 1",
-    **{f.name: f"none: SAEConfig's {f.default!r}" for f in dataclasses.fields(SAEConfig)   # the SAE fields left to SAEConfig
-       if getattr(TrainConfig, f.name) is None and f.default not in (None, dataclasses.MISSING) and f.name != "act_scale"},
 }
 TRAIN_EPILOG = ("Not options: d_in (" + TRAIN_SET_BY_CLI["d_in"] + "); the SAE's provenance, hook_name and model_name, "
                 "which enter its config from --hook and --model (or the cache's). "
